@@ -16,59 +16,89 @@ class Metrics:
         r = self.registry
         # Ingest (Application Service API)
         self.transactions = Counter(
-            "relay_transactions", "Appservice transactions by outcome (processed, duplicate, failed)",
-            ["outcome"], registry=r,
+            "relay_transactions",
+            "Appservice transactions by outcome (processed, duplicate, failed)",
+            ["outcome"],
+            registry=r,
         )
         self.events = Counter(
-            "relay_events", "Events received by outcome (processed, rejected)", ["outcome"],
+            "relay_events",
+            "Events received by outcome (processed, rejected)",
+            ["outcome"],
             registry=r,
         )
         self.media_references = Counter(
-            "relay_media_references", "Media references recorded, by role", ["role"], registry=r,
+            "relay_media_references",
+            "Media references recorded, by role",
+            ["role"],
+            registry=r,
         )
         self.invalid_mxc = Counter(
-            "relay_invalid_mxc", "Media references refused by the strict mxc parser", registry=r,
+            "relay_invalid_mxc",
+            "Media references refused by the strict mxc parser",
+            registry=r,
         )
         self.revocations = Counter(
-            "relay_revocations", "Media revoked because its event was redacted", registry=r,
+            "relay_revocations",
+            "Media revoked because its event was redacted",
+            registry=r,
         )
         self.transaction_seconds = Histogram(
-            "relay_transaction_seconds", "Time to commit one appservice transaction", registry=r,
+            "relay_transaction_seconds",
+            "Time to commit one appservice transaction",
+            registry=r,
         )
         # Fetch (homeserver)
         self.upstream_requests = Counter(
             "relay_upstream_requests",
             "Media requests to the homeserver by outcome "
             "(ok, not_found, too_large, rate_limited, unauthorized, upstream_error, timeout)",
-            ["outcome"], registry=r,
+            ["outcome"],
+            registry=r,
         )
         self.upstream_bytes = Counter(
-            "relay_upstream_bytes", "Bytes received from the homeserver", registry=r,
+            "relay_upstream_bytes",
+            "Bytes received from the homeserver",
+            registry=r,
         )
         self.negative_cache_hits = Counter(
-            "relay_negative_cache_hits", "Requests answered from the not-found cache", registry=r,
+            "relay_negative_cache_hits",
+            "Requests answered from the not-found cache",
+            registry=r,
         )
         # Cache
-        self.cache_hits = Counter("relay_cache_hits", "Media served from the disk cache", registry=r)
+        self.cache_hits = Counter(
+            "relay_cache_hits", "Media served from the disk cache", registry=r
+        )
         self.cache_misses = Counter("relay_cache_misses", "Media not in the disk cache", registry=r)
         self.cache_evictions = Counter(
-            "relay_cache_evictions", "Cache entries evicted to stay under the size cap", registry=r,
+            "relay_cache_evictions",
+            "Cache entries evicted to stay under the size cap",
+            registry=r,
         )
         self.coalesced_waiters = Counter(
-            "relay_coalesced_waiters", "Requests that joined a download already under way",
+            "relay_coalesced_waiters",
+            "Requests that joined a download already under way",
             registry=r,
         )
         # Serve
         self.served = Counter(
-            "relay_served_requests", "Public media requests by status", ["status"], registry=r,
+            "relay_served_requests",
+            "Public media requests by status",
+            ["status"],
+            registry=r,
         )
         self.served_bytes = Counter("relay_served_bytes", "Body bytes sent to clients", registry=r)
         self.signed = Counter(
-            "relay_signed_urls", "Signed URLs minted, by who asked (bridge name or cli)",
-            ["source"], registry=r,
+            "relay_signed_urls",
+            "Signed URLs minted, by who asked (bridge name or cli)",
+            ["source"],
+            registry=r,
         )
         self.thumbnails_generated = Counter(
-            "relay_thumbnails_generated", "Thumbnails rendered by the relay", registry=r,
+            "relay_thumbnails_generated",
+            "Thumbnails rendered by the relay",
+            registry=r,
         )
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
