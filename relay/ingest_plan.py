@@ -68,15 +68,13 @@ class TransactionPlan:
     redactions: list[Redaction] = field(default_factory=list)
     rooms_to_serve: dict[str, str] = field(default_factory=dict)  # room id -> inviter
     rooms_joined: set[str] = field(default_factory=set)
+    namespace_rooms: set[str] = field(default_factory=set)  # served through the registration
     rooms_to_forget: set[str] = field(default_factory=set)
     invites_to_decline: set[str] = field(default_factory=set)
     events: int = 0
     rejected: int = 0
     ignored: int = 0
     invalid_references: int = 0
-
-    def room_ids_touched(self) -> set[str]:
-        return set(self.rooms_to_serve) | self.rooms_joined | self.rooms_to_forget
 
 
 def room_ids(events: Sequence[object]) -> set[str]:
@@ -104,9 +102,12 @@ def plan_transaction(
         room_id: str = event["room_id"]
         if _membership_of_bot(event, policy, plan, served):
             continue
-        if room_id not in served and not policy.in_namespace(room_id):
-            plan.ignored += 1
-            continue
+        if room_id not in served:
+            if not policy.in_namespace(room_id):
+                plan.ignored += 1
+                continue
+            plan.namespace_rooms.add(room_id)
+            served.add(room_id)
         ts = _timestamp(event)
         target = redacted_event_id(event)
         if target is not None:

@@ -14,6 +14,7 @@ from relay.mxc import MediaId
 
 JOINING = "joining"
 JOINED = "joined"
+NAMESPACE = "namespace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +61,9 @@ class Store:
         ids = list(room_ids)
         if not ids:
             return set()
-        rows = await self.db.fetch(
-            f"SELECT room_id FROM served_room WHERE room_id IN ({_placeholders(len(ids))})",  # noqa: S608 - placeholders only *ids
-        )
+        # Only generated "$n" placeholders are interpolated; the ids are parameters.
+        query = f"SELECT room_id FROM served_room WHERE room_id IN ({_placeholders(len(ids))})"  # noqa: S608
+        rows = await self.db.fetch(query, *ids)
         return {row["room_id"] for row in rows}
 
     async def commit_transaction(self, txn_id: str, plan: TransactionPlan) -> CommitResult | None:
@@ -107,6 +108,14 @@ class Store:
                 room_id,
                 JOINING,
                 inviter,
+                now,
+            )
+        for room_id in plan.namespace_rooms:
+            await conn.execute(
+                "INSERT INTO served_room (room_id, state, inviter, updated_at)"
+                " VALUES ($1, $2, NULL, $3) ON CONFLICT (room_id) DO NOTHING",
+                room_id,
+                NAMESPACE,
                 now,
             )
         for room_id in plan.rooms_joined:
