@@ -1,0 +1,218 @@
+"""The store on real SQLite and real PostgreSQL (every test runs on both)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from relay.ingest_plan import RoomPolicy, TransactionPlan, plan_transaction
+from relay.mxc import MediaId
+from relay.store import DatabaseUnusable, Store, open_database
+
+BOT = "@mediarelay:example.org"
+POLICY = RoomPolicy.build(BOT, ["example.org"], [])
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    db = await open_database(database_url)
+    try:
+        yield Store(db)
+    finally:
+        await db.stop()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+def invite(room_id: str, sender: str = "@admin:example.org") -> dict[str, Any]:
+    return {
+        "type": "m.room.member",
+        "room_id": room_id,
+        "event_id": "$i" + secrets.token_hex(6),
+        "sender": sender,
+        "state_key": BOT,
+        "origin_server_ts": 1,
+        "content": {"membership": "invite"},
+    }
+
+
+def kick(room_id: str) -> dict[str, Any]:
+    return {**invite(room_id), "content": {"membership": "leave"}}
+
+
+def image(
+    room_id: str, event_id: str, media_id: str, ts: int = 10, **content: Any
+) -> dict[str, Any]:
+    return {
+        "type": "m.room.message",
+        "room_id": room_id,
+        "event_id": event_id,
+        "sender": "@alice:example.org",
+        "origin_server_ts": ts,
+        "content": {
+            "msgtype": "m.image",
+            "body": "photo.jpg",
+            "url": f"mxc://example.org/{media_id}",
+            "info": {"mimetype": "image/jpeg", "size": 10},
+            **content,
+        },
+    }
+
+
+def redaction(room_id: str, target: str) -> dict[str, Any]:
+    return {
+        "type": "m.room.redaction",
+        "room_id": room_id,
+        "event_id": "$r" + secrets.token_hex(6),
+        "sender": "@alice:example.org",
+        "origin_server_ts": 20,
+        "content": {"redacts": target},
+    }
+
+
+async def commit(store: Store, events: list[dict[str, Any]]) -> TransactionPlan:
+    served = await store.served_rooms({e["room_id"] for e in events})
+    plan = plan_transaction(events, served, POLICY)
+    assert await store.commit_transaction(secrets.token_hex(8), plan) is not None
+    return plan
+
+
+async def test_media_recorded_in_served_room(store: Store) -> None:
+    """An invite makes the room served; a later image in it is recorded with its metadata."""
+    await commit(store, [invite("!a:example.org"), image("!a:example.org", "$e1", "m1")])
+    record = await store.media_record(MediaId("example.org", "m1"))
+    assert record is not None
+    assert (record.room_id, record.event_id, record.mimetype, record.size, record.filename) == (
+        "!a:example.org",
+        "$e1",
+        "image/jpeg",
+        10,
+        "photo.jpg",
+    )
+    assert await store.rooms_joining() == ["!a:example.org"]
+    await store.mark_room_joined("!a:example.org")
+    assert await store.rooms_joining() == []
+
+
+async def test_media_outside_served_rooms_not_recorded(store: Store) -> None:
+    """Without an invite the room's media is ignored and counted as such."""
+    plan = await commit(store, [image("!b:example.org", "$e2", "m2")])
+    assert plan.ignored == 1
+    assert await store.media_record(MediaId("example.org", "m2")) is None
+
+
+async def test_kick_forgets_room(store: Store) -> None:
+    """After a kick, media of the room is no longer signable and new media is ignored."""
+    room = "!c:example.org"
+    await commit(store, [invite(room), image(room, "$e3", "m3")])
+    await commit(store, [kick(room), image(room, "$e4", "m4")])
+    assert await store.served_rooms([room]) == set()
+    assert await store.media_record(MediaId("example.org", "m3")) is None
+    assert await store.media_record(MediaId("example.org", "m4")) is None
+
+
+async def test_duplicate_transaction_writes_nothing(store: Store) -> None:
+    """A committed txn id is refused the second time, and its events are not applied again."""
+    room = "!d:example.org"
+    await commit(store, [invite(room)])
+    plan = plan_transaction([image(room, "$e5", "m5")], {room}, POLICY)
+    assert await store.commit_transaction("txn-1", plan) is not None
+    other = plan_transaction([image(room, "$e6", "m6")], {room}, POLICY)
+    assert await store.commit_transaction("txn-1", other) is None
+    assert await store.transaction_seen("txn-1")
+    assert await store.media_record(MediaId("example.org", "m6")) is None
+
+
+async def test_racing_commits_of_one_id(store: Store) -> None:
+    """Ten concurrent commits of the same txn id: exactly one applies."""
+    room = "!e:example.org"
+    await commit(store, [invite(room)])
+    plans = [plan_transaction([image(room, f"$r{i}", f"r{i}")], {room}, POLICY) for i in range(10)]
+    results = await asyncio.gather(*(store.commit_transaction("race", p) for p in plans))
+    assert sum(r is not None for r in results) == 1
+    recorded = [
+        await store.media_record(MediaId("example.org", f"r{i}")) is not None for i in range(10)
+    ]
+    assert recorded.count(True) == 1
+
+
+@pytest.mark.parametrize("redaction_first", [False, True])
+async def test_redaction_revokes(store: Store, redaction_first: bool) -> None:
+    """A redaction revokes the event's media, whichever arrives first; other media stays."""
+    room = "!f:example.org"
+    await commit(store, [invite(room), image(room, "$keep", "keep")])
+    batches = [[image(room, "$gone", "gone")], [redaction(room, "$gone")]]
+    if redaction_first:
+        batches.reverse()
+    results = []
+    for events in batches:
+        served = await store.served_rooms([room])
+        plan = plan_transaction(events, served, POLICY)
+        results.append(await store.commit_transaction(secrets.token_hex(8), plan))
+    revoked = [m for r in results if r is not None for m in r.revoked]
+    assert revoked == [MediaId("example.org", "gone")]
+    assert await store.is_revoked(MediaId("example.org", "gone"))
+    assert not await store.is_revoked(MediaId("example.org", "keep"))
+
+
+async def test_encryption_info_round_trip(store: Store) -> None:
+    """EncryptedFile key material is stored and comes back byte for byte."""
+    room = "!g:example.org"
+    key, iv, digest = secrets.token_bytes(32), secrets.token_bytes(16), secrets.token_bytes(32)
+    event = image(room, "$enc", "unused")
+    del event["content"]["url"]
+    event["content"]["file"] = {
+        "v": "v2",
+        "url": "mxc://example.org/enc1",
+        "iv": b64(iv),
+        "hashes": {"sha256": b64(digest)},
+        "key": {
+            "kty": "oct",
+            "alg": "A256CTR",
+            "ext": True,
+            "key_ops": ["encrypt", "decrypt"],
+            "k": base64.urlsafe_b64encode(key).decode().rstrip("="),
+        },
+    }
+    await commit(store, [invite(room), event])
+    record = await store.media_record(MediaId("example.org", "enc1"))
+    assert record is not None and record.encryption is not None
+    assert (record.encryption.key, record.encryption.iv, record.encryption.sha256) == (
+        key,
+        iv,
+        digest,
+    )
+
+
+async def test_data_survives_reopen(database_url: str) -> None:
+    """Closing and reopening the database keeps transactions and references (no re-migration)."""
+    db = await open_database(database_url)
+    store = Store(db)
+    await commit(store, [invite("!h:example.org"), image("!h:example.org", "$e8", "m8")])
+    plan = plan_transaction([], set(), POLICY)
+    assert await store.commit_transaction("kept", plan) is not None
+    await db.stop()
+    db = await open_database(database_url)
+    try:
+        store = Store(db)
+        assert await store.transaction_seen("kept")
+        assert await store.media_record(MediaId("example.org", "m8")) is not None
+    finally:
+        await db.stop()
+
+
+async def test_unusable_database_is_reported(tmp_path: Any) -> None:
+    """A database that cannot be opened raises DatabaseUnusable with a one-line reason."""
+    with pytest.raises(DatabaseUnusable) as e:
+        await open_database(f"sqlite:{tmp_path / 'missing-dir' / 'x.db'}")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DatabaseUnusable) as e:
+        await open_database("postgresql://postgres:secretpw@127.0.0.1:9/none")
+    assert "secretpw" not in str(e.value)
