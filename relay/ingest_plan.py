@@ -36,10 +36,12 @@ class RoomPolicy:
         )
 
     def may_invite(self, sender: str) -> bool:
+        localpart, sep, server = sender.partition(":")
+        if not (sender.startswith("@") and sep and len(localpart) > 1):
+            return False
         if "*" in self.allowed_inviters or sender in self.allowed_inviters:
             return True
-        _, sep, server = sender.partition(":")
-        return bool(sep) and server in self.allowed_inviters
+        return server in self.allowed_inviters
 
     def in_namespace(self, room_id: str) -> bool:
         return any(p.fullmatch(room_id) for p in self.room_namespace)
