@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from mautrix.util.async_db import Database
 from mautrix.util.logging import TraceLogger
@@ -24,11 +25,22 @@ def _redact_url(url: str) -> str:
     return url
 
 
+def _check_sqlite_opens(path: str) -> None:
+    # aiosqlite leaves its worker thread behind when the first connect fails, which
+    # then crashes at interpreter exit; finding out here gives a clean one-line error.
+    try:
+        sqlite3.connect(path).close()
+    except sqlite3.Error as e:
+        raise DatabaseUnusable(f"database sqlite:{path}: {e}") from e
+
+
 async def open_database(url: str) -> Database:
     """Connect and migrate; raise DatabaseUnusable with a one-line reason."""
     log = logging.getLogger("relay.db")
     if not isinstance(log, TraceLogger):
         log = TraceLogger("relay.db")
+    if url.startswith("sqlite:"):
+        _check_sqlite_opens(url[len("sqlite:") :])
     db_args = {"min_size": 1, "max_size": 10} if not url.startswith("sqlite:") else {}
     if url.startswith("postgresql://"):
         url = "postgres://" + url[len("postgresql://") :]
