@@ -455,6 +455,12 @@ def validate(doc: Mapping[str, Any], base_dir: Path) -> Config:
         download_timeout=m.number("download_timeout", 600, 1, 86400),
     )
 
+    if media.cache_max_size < media.max_size:
+        # A file larger than the whole cache would be evicted as soon as it was written.
+        raise ConfigError(
+            f"media.cache_max_size: must be at least media.max_size ({media.max_size} bytes)"
+        )
+
     t = _section(doc, "thumbnails")
     thumbnails = ThumbnailConfig(
         max_side=t.integer("max_side", 2048, 1, 8192),

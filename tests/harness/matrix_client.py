@@ -7,6 +7,7 @@ hide itself in the test setup. Every method raises :class:`MatrixRequestError`
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Mapping
@@ -166,7 +167,8 @@ class MatrixUser:
         body = await self.request(
             "POST",
             f"{MEDIA_V3}/upload",
-            data=data,
+            # A file object, not bytes: aiohttp warns about large in-memory bodies.
+            data=io.BytesIO(data),
             params=params,
             headers={"Content-Type": content_type},
         )
