@@ -109,9 +109,7 @@ class AppserviceAPI:
         events = await self._read_events(request)
         started = time.perf_counter()
         try:
-            if await self.store.transaction_seen(txn_id):
-                self.metrics.transactions.labels("duplicate").inc()
-                return web.json_response({})
+            # A repeated id is detected by the commit itself (ON CONFLICT … RETURNING).
             served = await self.store.served_rooms(room_ids(events))
             plan = plan_transaction(events, served, self.policy)
             result = await self.store.commit_transaction(txn_id, plan)

@@ -160,32 +160,45 @@ class Store:
     async def _revoke_redacted(
         self, conn: Connection, plan: TransactionPlan, now: int
     ) -> list[MediaId]:
-        """Revoke media of redacted events, whichever of event and redaction came first."""
-        event_ids = sorted(
-            {r.redacted_event_id for r in plan.redactions} | {r.event_id for r in plan.references}
-        )
-        if not event_ids:
-            return []
-        # Only generated "$n" placeholders are interpolated; the ids are parameters.
-        query = (
-            "SELECT DISTINCT m.server_name, m.media_id, m.event_id FROM media_reference m"  # noqa: S608
-            " JOIN redaction d ON d.redacted_event_id = m.event_id"
-            f" WHERE m.event_id IN ({_placeholders(len(event_ids))})"
-        )
-        rows = await conn.fetch(query, *event_ids)
+        """Revoke media of redacted events, whichever of event and redaction came first.
+
+        Only primary-key lookups: the small ``redaction`` table for this batch's events,
+        and ``media_reference`` by event id for this batch's redactions. (A join over
+        the whole reference table degrades as it grows.)
+        """
+        targets: dict[MediaId, str] = {}
+        event_ids = sorted({r.event_id for r in plan.references})
+        if event_ids:
+            # Only generated "$n" placeholders are interpolated; the ids are parameters.
+            query = (
+                "SELECT redacted_event_id FROM redaction"  # noqa: S608
+                f" WHERE redacted_event_id IN ({_placeholders(len(event_ids))})"
+            )
+            redacted = {row["redacted_event_id"] for row in await conn.fetch(query, *event_ids)}
+            for r in plan.references:
+                if r.event_id in redacted:
+                    targets.setdefault(r.ref.media, r.event_id)
+        for redaction in plan.redactions:
+            rows = await conn.fetch(
+                "SELECT server_name, media_id FROM media_reference WHERE event_id = $1",
+                redaction.redacted_event_id,
+            )
+            for row in rows:
+                media = MediaId(row["server_name"], row["media_id"])
+                targets.setdefault(media, redaction.redacted_event_id)
         revoked: list[MediaId] = []
-        for row in rows:
+        for media, event_id in targets.items():
             inserted = await conn.fetchval(
                 "INSERT INTO revoked_media (server_name, media_id, event_id, revoked_at)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT (server_name, media_id) DO NOTHING"
                 " RETURNING media_id",
-                row["server_name"],
-                row["media_id"],
-                row["event_id"],
+                media.server_name,
+                media.media_id,
+                event_id,
                 now,
             )
             if inserted is not None:
-                revoked.append(MediaId(row["server_name"], row["media_id"]))
+                revoked.append(media)
         return revoked
 
     # ------------------------------------------------------------ rooms
