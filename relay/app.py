@@ -10,13 +10,20 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from relay.bridge_api import BridgeAPI, LinkMinter, key_ring
+from relay.cache import MediaCache
+from relay.capabilities import Capabilities
 from relay.config import Config
 from relay.errors import error_middleware
+from relay.fetcher import MediaFetcher, Timeouts
 from relay.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
 from relay.ingest import AppserviceAPI, IngestHooks
 from relay.ingest_plan import RoomPolicy
+from relay.media_source import MediaSource
 from relay.metrics import Metrics
 from relay.mxc import MediaId
+from relay.revocation import RevocationCheck
+from relay.serve import MediaServer
 from relay.store import DatabaseUnusable, Store, open_database
 
 log = logging.getLogger(__name__)
@@ -31,6 +38,7 @@ EXIT_DATABASE = 5
 EXIT_NEEDS_SETUP = 6
 
 JOIN_ATTEMPTS = 5
+READY_TIMEOUT = 5.0
 
 
 class StartupError(Exception):
@@ -56,6 +64,10 @@ class Relay:
         self.session: aiohttp.ClientSession | None = None
         self.store: Store | None = None
         self.homeserver: HomeserverClient | None = None
+        self.capabilities: Capabilities | None = None
+        self.media_source: MediaSource | None = None
+        self.revocations: RevocationCheck | None = None
+        self.media_server: MediaServer | None = None
         self._db: Any = None
         self.internal_url = ""
         self.public_url = ""
@@ -83,6 +95,8 @@ class Relay:
         )
         await self._check_homeserver()
 
+        media_server, bridge_api = await self._start_media()
+
         internal = web.Application(
             middlewares=[error_middleware], client_max_size=cfg.appservice.max_transaction_size
         )
@@ -96,10 +110,18 @@ class Relay:
             IngestHooks(self.join_rooms, self.decline_invites, self._on_revoked),
         )
         internal.add_routes(appservice.routes())
-        internal.add_routes([web.get("/_relay/health", health), web.get("/metrics", self._metrics)])
+        internal.add_routes(bridge_api.routes())
+        internal.add_routes(
+            [
+                web.get("/_relay/health", health),
+                web.get("/_relay/ready", self._ready),
+                web.get("/metrics", self._metrics),
+            ]
+        )
 
-        public = web.Application(middlewares=[error_middleware])
+        public = web.Application(middlewares=[media_server.middleware, error_middleware])
         public.add_routes([web.get("/_relay/health", health)])
+        public.add_routes(media_server.routes())
 
         self.internal_url = await self._listen(
             internal, cfg.appservice.hostname, cfg.appservice.port
@@ -112,6 +134,58 @@ class Relay:
             cfg.public.url,
         )
         self.join_rooms(await self.store.rooms_joining())
+
+    async def _start_media(self) -> tuple[MediaServer, BridgeAPI]:
+        """Capabilities, fetcher, cache, revocations; the public server and the bridge API."""
+        assert self.session is not None and self.store is not None
+        cfg = self.config
+        media = cfg.media
+        self.capabilities = Capabilities(
+            cfg.homeserver.address, cfg.appservice.as_token, session=self.session
+        )
+        self.capabilities.start()
+        fetcher = MediaFetcher(
+            self.session,
+            cfg.homeserver.address,
+            cfg.appservice.as_token,
+            self.capabilities,
+            self.metrics,
+            max_size=media.max_size,
+            timeouts=Timeouts(media.connect_timeout, media.read_timeout, media.download_timeout),
+            not_found_ttl=media.not_found_ttl,
+        )
+        cache = MediaCache(media.cache_dir, media.cache_max_size, self.metrics)
+        try:
+            await cache.start()
+        except OSError as e:
+            raise StartupError(
+                EXIT_CONFIG, f"media.cache_dir {media.cache_dir} is unusable: {e}"
+            ) from e
+        self.media_source = MediaSource(fetcher, cache, self.metrics)
+        self.revocations = RevocationCheck(self.store, on_discovered=self._purge)
+        ring = key_ring(cfg)
+        try:
+            self.media_server = MediaServer(
+                ring,
+                self.store,
+                self.revocations,
+                self.media_source,
+                self.metrics,
+                path_prefix=cfg.public.path_prefix,
+            )
+        except ValueError as e:
+            raise StartupError(EXIT_CONFIG, str(e)) from e
+        bridge_api = BridgeAPI(
+            cfg.bridges,
+            LinkMinter(ring, cfg.public.url),
+            self.store,
+            self.revocations,
+            self.metrics,
+            default_ttl=cfg.signing.ttl,
+            require_seen=cfg.signing.require_seen,
+            max_thumbnail_side=cfg.thumbnails.max_side,
+        )
+        return self.media_server, bridge_api
 
     async def _check_homeserver(self) -> None:
         assert self.homeserver is not None
@@ -147,6 +221,22 @@ class Relay:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain")
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        """200 when the database answers and the homeserver accepts our token, else 503."""
+        problems: list[str] = []
+        if self._db is None:
+            problems.append("database: not open")
+        else:
+            try:
+                await asyncio.wait_for(self._db.fetchval("SELECT 1"), READY_TIMEOUT)
+            except Exception as e:
+                problems.append(f"database: {type(e).__name__}")
+        if self.capabilities is not None and not self.capabilities.identity_ok:
+            problems.append(f"homeserver: {self.capabilities.last_error or 'token refused'}")
+        if problems:
+            return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+        return web.json_response({"status": "ready"})
 
     # ------------------------------------------------------------ rooms
 
@@ -191,7 +281,15 @@ class Relay:
             log.warning("could not decline the invite to %s: %s", room_id, e)
 
     async def _on_revoked(self, media: Sequence[MediaId]) -> None:
-        """Hook for the serving side: purge caches of revoked media (wired in later)."""
+        """After a redaction commits: refuse the media at once here, and purge its cache."""
+        for item in media:
+            if self.revocations is not None:
+                self.revocations.mark_revoked(item)
+            await self._purge(item)
+
+    async def _purge(self, media: MediaId) -> None:
+        if self.media_source is not None:
+            await self.media_source.purge(media.server_name, media.media_id)
 
     # ------------------------------------------------------------ shutdown
 
@@ -203,6 +301,12 @@ class Relay:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.media_source is not None:
+            await self.media_source.close()
+        if self.revocations is not None:
+            await self.revocations.close()
+        if self.capabilities is not None:
+            await self.capabilities.stop()
         if self._db is not None:
             await self._db.stop()
             self._db = None

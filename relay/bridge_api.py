@@ -1,0 +1,287 @@
+"""The bridge API on the internal listener: ``POST /_relay/v1/sign`` and ``/_relay/v1/rewrite``.
+
+Each bridge authenticates with its own token from ``bridges:`` (compared in constant
+time against every configured token), and its ``ttl`` caps the life of the links it
+gets: a longer ``ttl`` is clamped, and the answer's ``expires_at`` says what was
+granted. By default (``signing.require_seen``) only media the relay has seen in a
+room it serves can be signed, so the relay never becomes an open CDN; redacted media
+is never signed (410).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from relay.config import BridgeConfig, Config
+from relay.errors import Codes, MatrixError
+from relay.events import MalformedEvent, MediaReference, Role, extract_from_content, rewrite_content
+from relay.headers import safe_filename
+from relay.ingest import bearer_token
+from relay.metrics import Metrics
+from relay.mxc import InvalidMxc, MediaId, parse_mxc
+from relay.revocation import RevocationCheck
+from relay.signing import (
+    MAX_THUMBNAIL_SIDE,
+    KeyRing,
+    LinkClaims,
+    SigningKey,
+    build_url,
+    sign,
+)
+from relay.store import MediaRecord
+from relay.variant import THUMBNAIL_METHODS, Thumbnail, Variant
+
+log = logging.getLogger(__name__)
+
+SIGN_PATH = "/_relay/v1/sign"
+REWRITE_PATH = "/_relay/v1/rewrite"
+MAX_FILENAME_LENGTH = 255
+
+
+def key_ring(config: Config) -> KeyRing:
+    """The configured signing keys (the first signs, all verify)."""
+    return KeyRing([SigningKey(k.id, k.secret.encode()) for k in config.signing.keys])
+
+
+@dataclass(frozen=True, slots=True)
+class SignedLink:
+    """A minted link and its expiry in unix seconds."""
+
+    url: str
+    expires_at: int
+
+    def as_json(self) -> dict[str, Any]:
+        """``url`` and ``expires_at`` in milliseconds since the epoch (the API's unit)."""
+        return {"url": self.url, "expires_at": self.expires_at * 1000}
+
+
+class LinkMinter:
+    """Mints signed URLs under ``public.url``; shared by the bridge API and ``media-relay sign``."""
+
+    def __init__(
+        self, ring: KeyRing, public_url: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._ring = ring
+        self._public_url = public_url
+        self._clock = clock
+
+    def mint(
+        self, media: MediaId, ttl: int, *, filename: str | None = None, variant: Variant = None
+    ) -> SignedLink:
+        """A link valid for at least ``ttl`` seconds (expiry rounded up to a whole second).
+
+        Raises ValueError for claims the signing module refuses (see ``signing.sign``).
+        """
+        if ttl < 1:
+            raise ValueError("ttl must be at least one second")
+        # Rounded up: a one-second link must not be dead on arrival.
+        expires_at = math.ceil(self._clock() + ttl)
+        token = sign(self._ring, LinkClaims(media, variant, filename, expires_at))
+        return SignedLink(build_url(self._public_url, token, filename), expires_at)
+
+
+class SeenMedia(Protocol):
+    """What the bridge API needs from the store (``relay.store.Store`` provides it)."""
+
+    async def media_record(self, media: MediaId) -> MediaRecord | None: ...
+
+
+class BridgeAPI:
+    """Sign and rewrite for bridges; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        bridges: Sequence[BridgeConfig],
+        minter: LinkMinter,
+        records: SeenMedia,
+        revocations: RevocationCheck,
+        metrics: Metrics,
+        *,
+        default_ttl: int,
+        require_seen: bool,
+        max_thumbnail_side: int = MAX_THUMBNAIL_SIDE,
+    ) -> None:
+        self._bridges = tuple(bridges)
+        self._minter = minter
+        self._records = records
+        self._revocations = revocations
+        self._metrics = metrics
+        self.default_ttl = default_ttl
+        self.require_seen = require_seen
+        self.max_thumbnail_side = max_thumbnail_side
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(SIGN_PATH, self.sign), web.post(REWRITE_PATH, self.rewrite)]
+
+    # ------------------------------------------------------------ handlers
+
+    async def sign(self, request: web.Request) -> web.Response:
+        """``{"mxc", "ttl"?, "filename"?, "thumbnail"?}`` → ``{"url", "expires_at"}``."""
+        bridge = self._authenticate(request)
+        body = await _json_object(request)
+        raw_mxc = body.get("mxc")
+        if raw_mxc is None:
+            raise MatrixError(400, Codes.MISSING_PARAM, "'mxc' is required")
+        try:
+            media = parse_mxc(raw_mxc)
+        except InvalidMxc as e:
+            raise MatrixError(400, Codes.INVALID_PARAM, f"'mxc': {e}") from None
+        ttl = self._ttl(bridge, body.get("ttl"))
+        filename = _filename(body.get("filename"))
+        variant = self._thumbnail(body.get("thumbnail"))
+        if await self._revocations.is_revoked(media):
+            raise MatrixError(410, Codes.NOT_FOUND, "The media was redacted")
+        if self.require_seen and await self._records.media_record(media) is None:
+            raise MatrixError(
+                404, Codes.NOT_FOUND, "The relay has not seen this media in a room it serves"
+            )
+        link = self._mint(bridge, media, ttl, filename, variant)
+        return web.json_response(link.as_json())
+
+    async def rewrite(self, request: web.Request) -> web.Response:
+        """``{"content", "type"?, "ttl"?}`` → ``{"content", "media"}`` (see events.rewrite_content).
+
+        References the relay may not sign (unseen, redacted, or encrypted without a
+        stored key) are left as they are and not listed.
+        """
+        bridge = self._authenticate(request)
+        body = await _json_object(request)
+        content = body.get("content")
+        if not isinstance(content, dict):
+            raise MatrixError(400, Codes.BAD_JSON, "'content' must be an object")
+        event_type = body.get("type")
+        if event_type is not None and not isinstance(event_type, str):
+            raise MatrixError(400, Codes.INVALID_PARAM, "'type' must be a string")
+        ttl = self._ttl(bridge, body.get("ttl"))
+        try:
+            references = extract_from_content(content, event_type).references
+        except MalformedEvent as e:
+            raise MatrixError(400, Codes.BAD_JSON, str(e)) from None
+        links: dict[tuple[MediaId, tuple[str, ...]], SignedLink] = {}
+        for ref in references:
+            if await self._may_sign(ref):
+                links[(ref.media, ref.path)] = self._mint(
+                    bridge, ref.media, ttl, _link_filename(ref), None
+                )
+
+        def url_for(ref: MediaReference) -> dict[str, Any] | None:
+            link = links.get((ref.media, ref.path))
+            return None if link is None else link.as_json()
+
+        rewritten, media = rewrite_content(content, url_for, event_type)
+        return web.json_response({"content": rewritten, "media": media})
+
+    # ------------------------------------------------------------ helpers
+
+    def _authenticate(self, request: web.Request) -> BridgeConfig:
+        """The bridge whose token is presented: 401 M_MISSING_TOKEN, or 403 M_FORBIDDEN."""
+        token = bearer_token(request)
+        if token is None:
+            raise MatrixError(401, Codes.MISSING_TOKEN, "Missing bridge token")
+        found: BridgeConfig | None = None
+        presented = token.encode()
+        # Every configured token is compared, so timing does not tell which one is close.
+        for bridge in self._bridges:
+            if hmac.compare_digest(presented, bridge.token.encode()):
+                found = bridge
+        if found is None:
+            raise MatrixError(403, Codes.FORBIDDEN, "Invalid bridge token")
+        return found
+
+    def _ttl(self, bridge: BridgeConfig, raw: object) -> int:
+        """The asked lifetime, clamped to the bridge's ``ttl``; default ``signing.ttl``."""
+        if raw is None:
+            return min(self.default_ttl, bridge.ttl)
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+            raise MatrixError(400, Codes.INVALID_PARAM, "'ttl' must be a positive integer")
+        return min(raw, bridge.ttl)
+
+    def _thumbnail(self, raw: object) -> Thumbnail | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise MatrixError(400, Codes.INVALID_PARAM, "'thumbnail' must be an object")
+        width, height = self._side(raw, "width"), self._side(raw, "height")
+        method, animated = raw.get("method", "scale"), raw.get("animated", False)
+        if method not in THUMBNAIL_METHODS:
+            raise MatrixError(400, Codes.INVALID_PARAM, "'thumbnail.method' must be crop or scale")
+        if not isinstance(animated, bool):
+            raise MatrixError(400, Codes.INVALID_PARAM, "'thumbnail.animated' must be a boolean")
+        return Thumbnail(width, height, method, animated=animated)
+
+    def _side(self, thumbnail: dict[str, Any], name: str) -> int:
+        side = thumbnail.get(name)
+        if isinstance(side, bool) or not isinstance(side, int):
+            side = 0
+        if not 1 <= side <= self.max_thumbnail_side:
+            raise MatrixError(
+                400,
+                Codes.INVALID_PARAM,
+                f"'thumbnail.{name}' must be an integer 1-{self.max_thumbnail_side}",
+            )
+        return side
+
+    async def _may_sign(self, ref: MediaReference) -> bool:
+        if await self._revocations.is_revoked(ref.media):
+            return False
+        if ref.encryption is None and not self.require_seen:
+            return True
+        record = await self._records.media_record(ref.media)
+        if record is None:
+            return False
+        # The server decrypts with the stored key; without one it could only send ciphertext.
+        return ref.encryption is None or record.encryption is not None
+
+    def _mint(
+        self,
+        bridge: BridgeConfig,
+        media: MediaId,
+        ttl: int,
+        filename: str | None,
+        variant: Variant,
+    ) -> SignedLink:
+        try:
+            link = self._minter.mint(media, ttl, filename=filename, variant=variant)
+        except ValueError as e:
+            raise MatrixError(400, Codes.INVALID_PARAM, str(e)) from None
+        self._metrics.signed.labels(bridge.name).inc()
+        return link
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise MatrixError(400, Codes.BAD_JSON, "Body must be a JSON object")
+    return body
+
+
+def _filename(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not 0 < len(raw) <= MAX_FILENAME_LENGTH:
+        raise MatrixError(
+            400,
+            Codes.INVALID_PARAM,
+            f"'filename' must be a string of 1-{MAX_FILENAME_LENGTH} characters",
+        )
+    return raw
+
+
+def _link_filename(ref: MediaReference) -> str | None:
+    """The name a rewritten attachment's URL ends in (path components removed)."""
+    if ref.role is not Role.CONTENT:
+        return None
+    return safe_filename(ref.filename)

@@ -1,0 +1,91 @@
+"""Send part of a cached file as a response body with the kernel's zero-copy ``sendfile``.
+
+aiohttp's ``FileResponse`` does the same underneath, but it also decides Range,
+If-None-Match and the ETag itself (an ETag from mtime and size); the relay's ETag is
+the content's SHA-256 and its Range and conditional rules live in
+:mod:`relay.http_ranges`, so the serving code makes every decision and this module
+only moves bytes. The file is opened *before* anything is sent, so a file evicted or
+purged between lookup and open is a miss the caller can retry, never a broken response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from aiohttp import web
+
+COPY_CHUNK = 256 * 1024
+
+
+def _open_checked(path: Path, length: int) -> BinaryIO | None:
+    try:
+        fobj = path.open("rb")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        # Eviction unlinks, never truncates, but a size mismatch means this is not the
+        # entry that was looked up: refuse it rather than send the wrong bytes.
+        if os.fstat(fobj.fileno()).st_size != length:
+            fobj.close()
+            return None
+    except BaseException:
+        fobj.close()
+        raise
+    return fobj
+
+
+async def open_cached(path: Path, length: int) -> BinaryIO | None:
+    """Open a cached file for sending; ``None`` if it vanished or changed size meanwhile.
+
+    An open descriptor keeps the data readable even if the entry is unlinked later
+    (POSIX), so once this returns a file the whole body can be sent.
+    """
+    return await asyncio.to_thread(_open_checked, path, length)
+
+
+async def send_file(
+    request: web.Request, response: web.StreamResponse, fobj: BinaryIO, offset: int, count: int
+) -> bool:
+    """Prepare ``response`` and send ``count`` bytes of ``fobj`` from ``offset``.
+
+    Returns True when the kernel sent them (``loop.sendfile`` on the socket), False
+    when they were copied through the response because the transport cannot do it
+    (TLS terminated in-process, or a platform without ``os.sendfile``). The caller
+    closes ``fobj``.
+    """
+    await response.prepare(request)
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("client connection lost before the body")
+    loop = asyncio.get_running_loop()
+    zero_copy = True
+    if count > 0:
+        try:
+            await loop.sendfile(transport, fobj, offset, count, fallback=False)
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
+            zero_copy = False
+            await _copy(response, fobj, offset, count)
+    await response.write_eof()
+    return zero_copy
+
+
+async def _copy(response: web.StreamResponse, fobj: BinaryIO, offset: int, count: int) -> None:
+    fd = fobj.fileno()
+    while count > 0:
+        data = await asyncio.to_thread(os.pread, fd, min(COPY_CHUNK, count), offset)
+        if not data:
+            raise ConnectionResetError("cached file ended early; closing the response")
+        await response.write(data)
+        offset += len(data)
+        count -= len(data)
+
+
+def close_quietly(fobj: BinaryIO | None) -> None:
+    """Close a file opened by :func:`open_cached` (errors on close are irrelevant here)."""
+    if fobj is not None:
+        with contextlib.suppress(OSError):
+            fobj.close()
