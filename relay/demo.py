@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,14 @@ from ruamel.yaml import YAML
 from relay.app import EXIT_ERROR, EXIT_OK, Relay
 from relay.config import Config, fill_generated_secrets, load, write_document
 from relay.local_synapse import LocalSynapse, free_ports
+from relay.mxc import parse_mxc
 from relay.registration import write_registration
+from relay.store import Store
 
 log = logging.getLogger("relay.demo")
 
 BRIDGE_NAME = "demo-bridge"
-JOIN_TIMEOUT = 30.0
+PUSH_TIMEOUT = 30.0
 
 
 def demo_image() -> bytes:
@@ -108,15 +111,30 @@ class DemoUser:
         return mxc
 
 
-async def wait_until_seen(relay: Relay, mxc: str) -> None:
-    from relay.mxc import parse_mxc
-
-    media = parse_mxc(mxc)
-    assert relay.store is not None
-    # Polling is fine here: the homeserver pushes the event within a moment.
-    async with asyncio.timeout(JOIN_TIMEOUT):
-        while await relay.store.media_record(media) is None:  # noqa: ASYNC110
+async def poll_until(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll the store: the homeserver's pushes arrive within moments."""
+    async with asyncio.timeout(PUSH_TIMEOUT):
+        while not await check():  # noqa: ASYNC110 - polling the store is fine for a demo
             await asyncio.sleep(0.1)
+
+
+async def wait_until_joined(store: Store, room_id: str) -> None:
+    """Synapse pushes a room's events only once the bot has joined it."""
+
+    async def joined() -> bool:
+        served = await store.served_rooms([room_id])
+        return bool(served) and room_id not in await store.rooms_joining()
+
+    await poll_until(joined)
+
+
+async def wait_until_seen(store: Store, mxc: str) -> None:
+    media = parse_mxc(mxc)
+
+    async def seen() -> bool:
+        return await store.media_record(media) is not None
+
+    await poll_until(seen)
 
 
 async def sign_via_bridge_api(
@@ -155,8 +173,10 @@ async def run_demo(workdir: Path, once: bool) -> int:
                     "/_matrix/client/v3/createRoom",
                     json={"name": "media relay demo", "invite": [config.bot_user_id]},
                 )
+                assert relay.store is not None
+                await wait_until_joined(relay.store, str(room["room_id"]))
                 mxc = await user.post_image(str(room["room_id"]), png)
-                await wait_until_seen(relay, mxc)
+                await wait_until_seen(relay.store, mxc)
                 url = await sign_via_bridge_api(session, relay, config, mxc)
                 print(f"{user_id} posted {mxc} in {room['room_id']}")
                 print(f"signed URL (valid {config.signing.ttl} s):\n\n    {url}\n", flush=True)
