@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -197,7 +197,7 @@ def fill_generated_secrets(doc: CommentedMap, *, tokens: bool = True) -> bool:
     """
     changed = False
     appservice = doc.get("appservice")
-    if tokens and isinstance(appservice, Mapping):
+    if tokens and isinstance(appservice, MutableMapping):
         for key in ("as_token", "hs_token"):
             if appservice.get(key, GENERATE) == GENERATE:
                 appservice[key] = new_secret()
@@ -205,7 +205,7 @@ def fill_generated_secrets(doc: CommentedMap, *, tokens: bool = True) -> bool:
     signing = doc.get("signing")
     if signing is None:
         signing = doc["signing"] = CommentedMap()
-    if isinstance(signing, Mapping):
+    if isinstance(signing, MutableMapping):
         keys = signing.get("keys")
         if not keys:
             # A config without keys gets one, so links survive restarts.
@@ -214,13 +214,13 @@ def fill_generated_secrets(doc: CommentedMap, *, tokens: bool = True) -> bool:
             changed = True
         if isinstance(keys, list):
             for key in keys:
-                if isinstance(key, Mapping) and key.get("secret") == GENERATE:
+                if isinstance(key, MutableMapping) and key.get("secret") == GENERATE:
                     key["secret"] = new_secret()
                     changed = True
     bridges = doc.get("bridges")
     if tokens and isinstance(bridges, list):
         for bridge in bridges:
-            if isinstance(bridge, Mapping) and bridge.get("token") == GENERATE:
+            if isinstance(bridge, MutableMapping) and bridge.get("token") == GENERATE:
                 bridge["token"] = new_secret()
                 changed = True
     return changed

@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from relay.events import MalformedEvent, MediaReference, extract_media, redacted_event_id
 
@@ -95,12 +95,13 @@ def plan_transaction(
     for event in events:
         plan.events += 1
         try:
+            if not isinstance(event, Mapping):
+                raise MalformedEvent("event is not a JSON object")
             extraction = extract_media(event)  # also validates the event's envelope
         except MalformedEvent as e:
             plan.rejected += 1
             log.warning("skipping malformed event: %s", e)
             continue
-        event = cast(Mapping[str, Any], event)  # extract_media checked the envelope
         room_id: str = event["room_id"]
         if _membership_of_bot(event, policy, plan, served):
             continue

@@ -7,9 +7,8 @@ from mautrix.util.async_db import Connection, Scheme, UpgradeTable
 upgrade_table = UpgradeTable(version_table_name="relay_schema_version", database_name="relay")
 
 
-@upgrade_table.register(
-    description="Initial schema: transactions, rooms, media references, revocations"
-)
+# mautrix's register() is typed for the bare-decorator form only; this use is documented.
+@upgrade_table.register(description="Transactions, rooms, media references, revocations")  # type: ignore[call-arg, arg-type, untyped-decorator]
 async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
     # Appservice transaction ids already answered 200 (spec: the homeserver retries a
     # transaction with the same id until it is acknowledged, so ids must survive restarts).
@@ -70,3 +69,4 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
             PRIMARY KEY (server_name, media_id)
         )"""
     )
+

@@ -73,6 +73,7 @@ class Store:
         duplicate delivery): then nothing is written.
         """
         now = now_ms()
+        conn: Connection
         async with self.db.acquire() as conn, conn.transaction():
             inserted = await conn.fetchval(
                 "INSERT INTO as_transaction (txn_id, received_at, event_count) VALUES ($1, $2, $3)"
