@@ -22,9 +22,11 @@ from relay.ingest_plan import RoomPolicy
 from relay.media_source import MediaSource
 from relay.metrics import Metrics
 from relay.mxc import MediaId
+from relay.renditions import Renditions
 from relay.revocation import RevocationCheck
 from relay.serve import MediaServer
 from relay.store import DatabaseUnusable, Store, open_database
+from relay.thumbnails import ThumbnailLimits
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class Relay:
         self.homeserver: HomeserverClient | None = None
         self.capabilities: Capabilities | None = None
         self.media_source: MediaSource | None = None
+        self.renditions: Renditions | None = None
         self.revocations: RevocationCheck | None = None
         self.media_server: MediaServer | None = None
         self._db: Any = None
@@ -162,6 +165,14 @@ class Relay:
                 EXIT_CONFIG, f"media.cache_dir {media.cache_dir} is unusable: {e}"
             ) from e
         self.media_source = MediaSource(fetcher, cache, self.metrics)
+        self.renditions = Renditions(
+            self.media_source,
+            self.metrics,
+            limits=ThumbnailLimits(
+                max_side=cfg.thumbnails.max_side, max_pixels=cfg.thumbnails.max_pixels
+            ),
+            strip_metadata=media.strip_metadata,
+        )
         self.revocations = RevocationCheck(self.store, on_discovered=self._purge)
         ring = key_ring(cfg)
         try:
@@ -172,6 +183,7 @@ class Relay:
                 self.media_source,
                 self.metrics,
                 path_prefix=cfg.public.path_prefix,
+                renditions=self.renditions,
             )
         except ValueError as e:
             raise StartupError(EXIT_CONFIG, str(e)) from e
@@ -301,6 +313,8 @@ class Relay:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.renditions is not None:
+            await self.renditions.close()
         if self.media_source is not None:
             await self.media_source.close()
         if self.revocations is not None:

@@ -6,6 +6,13 @@ gets: a longer ``ttl`` is clamped, and the answer's ``expires_at`` says what was
 granted. By default (``signing.require_seen``) only media the relay has seen in a
 room it serves can be signed, so the relay never becomes an open CDN; redacted media
 is never signed (410).
+
+``/rewrite`` also offers a preview: every image attachment (``url``/``file`` of an
+event whose ``info.mimetype`` is a JPEG, PNG, GIF or WebP, and every ``m.sticker``)
+gets ``thumbnail_url`` and ``thumbnail_expires_at`` in its ``media`` list entry: a
+:data:`REWRITE_THUMBNAIL` (320x240 ``scale``) rendered by the relay. The content
+itself only gains ``<key>_https`` links to the attachments (events.rewrite_content);
+a bridge that wants another size asks ``/sign`` with ``thumbnail``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ log = logging.getLogger(__name__)
 SIGN_PATH = "/_relay/v1/sign"
 REWRITE_PATH = "/_relay/v1/rewrite"
 MAX_FILENAME_LENGTH = 255
+# The preview offered beside every image by /rewrite: the size chat clients commonly
+# show inline (and one of the sizes Synapse pre-generates, so previews look alike).
+REWRITE_THUMBNAIL = Thumbnail(320, 240, "scale")
+# What the relay can render (relay.thumbnails); other image/* types get no preview.
+THUMBNAILABLE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 
 def key_ring(config: Config) -> KeyRing:
@@ -166,16 +178,20 @@ class BridgeAPI:
             references = extract_from_content(content, event_type).references
         except MalformedEvent as e:
             raise MatrixError(400, Codes.BAD_JSON, str(e)) from None
-        links: dict[tuple[MediaId, tuple[str, ...]], SignedLink] = {}
+        links: dict[tuple[MediaId, tuple[str, ...]], dict[str, Any]] = {}
+        preview = self._preview_size()
         for ref in references:
-            if await self._may_sign(ref):
-                links[(ref.media, ref.path)] = self._mint(
-                    bridge, ref.media, ttl, _link_filename(ref), None
-                )
+            if not await self._may_sign(ref):
+                continue
+            link = self._mint(bridge, ref.media, ttl, _link_filename(ref), None).as_json()
+            if _has_preview(ref, event_type):
+                thumb = self._mint(bridge, ref.media, ttl, None, preview).as_json()
+                link["thumbnail_url"] = thumb["url"]
+                link["thumbnail_expires_at"] = thumb["expires_at"]
+            links[(ref.media, ref.path)] = link
 
         def url_for(ref: MediaReference) -> dict[str, Any] | None:
-            link = links.get((ref.media, ref.path))
-            return None if link is None else link.as_json()
+            return links.get((ref.media, ref.path))
 
         rewritten, media = rewrite_content(content, url_for, event_type)
         return web.json_response({"content": rewritten, "media": media})
@@ -230,6 +246,12 @@ class BridgeAPI:
             )
         return side
 
+    def _preview_size(self) -> Thumbnail:
+        """:data:`REWRITE_THUMBNAIL`, shrunk to ``thumbnails.max_side`` if that is smaller."""
+        side = self.max_thumbnail_side
+        base = REWRITE_THUMBNAIL
+        return Thumbnail(min(base.width, side), min(base.height, side), base.method)
+
     async def _may_sign(self, ref: MediaReference) -> bool:
         if await self._revocations.is_revoked(ref.media):
             return False
@@ -278,6 +300,17 @@ def _filename(raw: object) -> str | None:
             f"'filename' must be a string of 1-{MAX_FILENAME_LENGTH} characters",
         )
     return raw
+
+
+def _has_preview(ref: MediaReference, event_type: str | None) -> bool:
+    """Whether a rewritten reference gets a thumbnail link: image attachments and stickers."""
+    if ref.role is not Role.CONTENT:
+        return False
+    mimetype = (ref.mimetype or "").split(";", 1)[0].strip().lower()
+    if mimetype in THUMBNAILABLE_TYPES:
+        return True
+    # m.sticker: "the image" (Client-Server API, "Sticker Messages"); its mimetype is optional.
+    return event_type == "m.sticker" and not mimetype
 
 
 def _link_filename(ref: MediaReference) -> str | None:

@@ -95,10 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("mxc")
     sign.add_argument("--ttl", type=int, help="link lifetime in seconds (default: signing.ttl)")
     sign.add_argument("--filename", help="file name the link serves the media as")
-    sign.add_argument("--width", type=int)
-    sign.add_argument("--height", type=int)
-    sign.add_argument("--method", choices=["crop", "scale"])
-    sign.add_argument("--animated", action="store_true")
+    sign.add_argument(
+        "--width", type=int, help="sign a thumbnail of this width (1-thumbnails.max_side)"
+    )
+    sign.add_argument(
+        "--height", type=int, help="sign a thumbnail of this height (1-thumbnails.max_side)"
+    )
+    sign.add_argument(
+        "--method",
+        choices=["crop", "scale"],
+        help="thumbnail method: scale fits inside, keeping the aspect (default); crop fills",
+    )
+    sign.add_argument(
+        "--animated", action="store_true", help="keep GIF/WebP animations in the thumbnail"
+    )
     sign.add_argument(
         "--force",
         action="store_true",

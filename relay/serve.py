@@ -9,6 +9,9 @@ One request, in order (cheap and local checks first, so a forged link costs no I
    encrypted attachment, and the filename/type the sender gave;
 4. the body from :class:`~relay.media_source.MediaSource` (cache or one shared download);
    upstream failures keep their meaning (404, or 502/503/504 with ``Retry-After``);
+   a thumbnail link, or an original whose metadata must go, gets its rendition from
+   :class:`~relay.renditions.Renditions` instead (rendered once, cached; not an image
+   → 400, too many pixels → 422);
 5. the header policy of :mod:`relay.headers`, then If-None-Match → 304, Range → 206 or
    416 (:mod:`relay.http_ranges`), then the body: a cached file with the kernel's
    ``sendfile`` (:mod:`relay.sendfile`), a download in progress as it arrives.
@@ -39,10 +42,12 @@ from relay.http_ranges import ByteRange, RangeNotSatisfiable, none_match, parse_
 from relay.media_source import FileBody, MediaBody, MediaSource
 from relay.metrics import Metrics
 from relay.mxc import MediaId
+from relay.renditions import RenditionFailed, Renditions, thumbnail_filename, to_matrix_error
 from relay.revocation import RevocationCheck
 from relay.sendfile import close_quietly, open_cached, send_file
 from relay.signing import KeyRing, LinkClaims, Verdict, verify
 from relay.store import MediaRecord
+from relay.thumbnails import ThumbnailError
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +174,7 @@ class MediaServer:
         metrics: Metrics,
         *,
         path_prefix: str,
+        renditions: Renditions | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         prefix = unquote(path_prefix).rstrip("/")
@@ -178,6 +184,7 @@ class MediaServer:
         self._records = records
         self._revocations = revocations
         self._media = media
+        self._renditions = renditions or Renditions(media, metrics)
         self._metrics = metrics
         self.path_prefix = prefix
         self._clock = clock
@@ -220,23 +227,19 @@ class MediaServer:
         now = self._clock()
         claims = self._verified(request, now)
         media = claims.media
+        # Before anything is fetched or rendered: a redacted event's media and its
+        # thumbnails are never produced nor served again.
         if await _database(self._revocations.is_revoked(media)):
             raise MatrixError(410, Codes.NOT_FOUND, "The media was redacted")
-        if claims.variant is not None:
-            # Seam for the thumbnails issue: render or fetch the variant here.
-            raise MatrixError(400, Codes.UNKNOWN, "Thumbnails are not supported yet")
         record = await _database(self._records.media_record(media))
         method = request.method
         wants_range = method == "GET" and "Range" in request.headers
         for _ in range(MAX_OPEN_ATTEMPTS):
-            body = await self._open(media, record, need_file=wants_range)
+            body, content_type, filename = await self._rendition(
+                claims, record, need_file=wants_range
+            )
             plan = plan_response(
-                method,
-                request.headers,
-                body,
-                choose_content_type(body, record),
-                choose_filename(claims, record, body),
-                claims.expires_at - now,
+                method, request.headers, body, content_type, filename, claims.expires_at - now
             )
             if not plan.send_body or body.path is None:
                 return await self._send(request, media, plan, body, None)
@@ -262,21 +265,50 @@ class MediaServer:
         # MALFORMED and FORGED (unknown key, wrong MAC or filename) look the same outside.
         raise MatrixError(403, Codes.FORBIDDEN, "Invalid or unsigned link")
 
-    async def _open(
-        self, media: MediaId, record: MediaRecord | None, *, need_file: bool
-    ) -> MediaBody:
-        """The body; with ``need_file`` always a complete cached file (for Range)."""
+    async def _rendition(
+        self, claims: LinkClaims, record: MediaRecord | None, *, need_file: bool
+    ) -> tuple[MediaBody, str, str | None]:
+        """The body to serve, its content type and filename.
+
+        A thumbnail link gets the rendered thumbnail (its own type, the name's extension
+        changed to match); an original gets the metadata-stripped rendition when
+        ``media.strip_metadata`` covers its type, else the original as before.
+        """
+        media = claims.media
         encryption = record.encryption if record is not None else None
         try:
-            body = await self._media.open(media, encryption)
-            if need_file and body.path is None:
-                body = FileBody(await self._media.open_file(media, encryption))
+            if claims.variant is not None:
+                declared = record.mimetype if record is not None else None
+                thumb = await self._renditions.thumbnail(
+                    media, encryption, claims.variant, declared
+                )
+                content_type = normalise_content_type(thumb.content_type)
+                name = thumbnail_filename(choose_filename(claims, record, thumb), content_type)
+                return thumb, content_type, name
+            body = await self._open(media, record, need_file=need_file)
+            content_type = choose_content_type(body, record)
+            body = await self._renditions.original(media, encryption, body, content_type)
+        except (ThumbnailError, RenditionFailed) as e:
+            raise to_matrix_error(e) from None
         except FetchError as e:
             raise e.to_matrix_error() from None
         except ValueError:
             # A stored key of the wrong shape: nothing a client can fix, and not a crash.
             log.warning("cannot decrypt %s: stored encryption info is unusable", media)
             raise MatrixError(502, Codes.UNKNOWN, "The media could not be decrypted") from None
+        return body, content_type, choose_filename(claims, record, body)
+
+    async def _open(
+        self, media: MediaId, record: MediaRecord | None, *, need_file: bool
+    ) -> MediaBody:
+        """The original; with ``need_file`` always a complete cached file (for Range).
+
+        Raises what MediaSource raises; :meth:`_rendition` turns it into the answer.
+        """
+        encryption = record.encryption if record is not None else None
+        body = await self._media.open(media, encryption)
+        if need_file and body.path is None:
+            body = FileBody(await self._media.open_file(media, encryption))
         return body
 
     async def _send(

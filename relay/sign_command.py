@@ -38,6 +38,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     try:
         media, ttl, thumbnail = _arguments(args)
         config = load_config(args.config)
+        if thumbnail is not None:
+            _check_thumbnail_size(thumbnail, config)
         if not args.force:
             asyncio.run(_check_signable(config, media))
         link = LinkMinter(key_ring(config), config.public.url).mint(
@@ -72,6 +74,15 @@ def _arguments(args: argparse.Namespace) -> tuple[MediaId, int | None, Thumbnail
     if not all(1 <= side <= MAX_THUMBNAIL_SIDE for side in sizes):
         raise SignRefused(EXIT_USAGE, f"--width and --height must be 1-{MAX_THUMBNAIL_SIDE}")
     return media, ttl, Thumbnail(args.width, args.height, args.method or "scale", args.animated)
+
+
+def _check_thumbnail_size(thumbnail: Thumbnail, config: Config) -> None:
+    """The relay renders thumbnails up to ``thumbnails.max_side``: refuse a dead link."""
+    max_side = config.thumbnails.max_side
+    if max(thumbnail.width, thumbnail.height) > max_side:
+        raise SignRefused(
+            EXIT_USAGE, f"--width and --height must be 1-{max_side} (thumbnails.max_side)"
+        )
 
 
 async def _check_signable(config: Config, media: MediaId) -> None:

@@ -287,7 +287,8 @@ async def test_rewrite_every_reference_and_serve_decrypted(
     status, headers, body = await fetch(http_session, link)
     assert (status, body) == (200, plaintext)
     assert headers["Content-Type"] == "text/plain"
-    assert signed_count(relay) == 3
+    # Image, its thumbnail_url, its rendered preview (thumbnail_url in media), the file.
+    assert signed_count(relay) == 4
 
 
 async def test_rewrite_leaves_unseen_media_alone(

@@ -1,0 +1,575 @@
+"""Serving benchmark: cached media through signed links, side by side with Synapse.
+
+    python bench/serve.py [--duration S] [--warmup S] [--small-connections C]
+                          [--large-connections C] [--threads T]
+
+What it does:
+  1. starts a throwaway Synapse, registers a user and uploads a 100 KiB and a 100 MiB
+     file of random bytes (incompressible, so nothing on the way can shrink them);
+  2. runs the relay as a **subprocess** (``python -m relay run -c config.yaml``) and
+     signs one link per file with ``python -m relay sign --force`` (the operator's
+     command; ``--force`` because the files were never posted in a room);
+  3. warms the relay's cache with one GET per link and checks length and SHA-256
+     against the upload (Synapse's own download is checked the same way);
+  4. runs ``wrk`` against four targets, one at a time, the other server idle:
+     relay 100 KiB, Synapse 100 KiB, relay 100 MiB, Synapse 100 MiB. Synapse is asked
+     through its authenticated endpoint, ``GET /_matrix/client/v1/media/download/…``
+     with the user's access token, as a Matrix client would. Each target gets an
+     unmeasured warm-up run first. Both sides get the same wrk settings;
+  5. reports requests/s, MB/s (10^6 bytes), latency percentiles and the server's CPU
+     use per target, the relay's peak RSS (``VmHWM`` of its process, covering start-up,
+     the cache warm-up and every run), and checks the targets of the issue:
+     relay/Synapse requests/s at 100 KiB >= 10, MB/s at 100 MiB >= 3, relay peak
+     RSS < 80 MiB. A run with a non-2xx answer, a socket error or short bodies is
+     invalid and fails the benchmark.
+
+Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``).
+Takes about 75 s with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+from ruamel.yaml import YAML
+
+from relay.local_synapse import LocalSynapse, free_ports
+
+SERVER_NAME = "localhost"
+APPSERVICE_ID = "media-relay-serve-bench"
+BOT_LOCALPART = "mediarelayservebench"
+SMALL_SIZE = 100 * 1024
+LARGE_SIZE = 100 * 1024 * 1024
+LINK_TTL = 3600
+TARGET_SMALL_RPS_RATIO = 10.0
+TARGET_LARGE_MBPS_RATIO = 3.0
+TARGET_PEAK_RSS_MIB = 80.0
+RSS_SAMPLE_SECONDS = 0.1
+WRK_MISSING = (
+    "bench/serve.py needs the HTTP load generator wrk, which was not found on PATH.\n"
+    "Install it with `apt-get install wrk` (Debian/Ubuntu) or `brew install wrk` (macOS)."
+)
+
+# wrk calls done() once after the run; printing the raw counters avoids parsing its
+# rounded human-readable summary ("1.23GB").
+WRK_REPORT_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d bytes=%d duration_us=%d connect=%d read=%d write=%d status=%d " ..
+    "timeout=%d p50_us=%d p99_us=%d max_us=%d\\n",
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+
+# ---------------------------------------------------------------- processes
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    yaml = YAML(typ="safe", pure=True)
+    yaml.default_flow_style = False
+    with path.open("w", encoding="utf-8") as out:
+        yaml.dump(data, out)
+    return path
+
+
+@dataclass(frozen=True)
+class Setup:
+    workdir: Path
+    as_token: str
+    hs_token: str
+    internal_port: int
+    public_port: int
+
+
+def write_registration(setup: Setup) -> Path:
+    bot = f"@{BOT_LOCALPART}:{SERVER_NAME}"
+    return write_yaml(
+        setup.workdir / "registration.yaml",
+        {
+            "id": APPSERVICE_ID,
+            "url": f"http://127.0.0.1:{setup.internal_port}",
+            "as_token": setup.as_token,
+            "hs_token": setup.hs_token,
+            "sender_localpart": BOT_LOCALPART,
+            "rate_limited": False,
+            "namespaces": {
+                "users": [{"exclusive": True, "regex": "^" + bot.replace(".", "\\.") + "$"}],
+                "aliases": [],
+                "rooms": [],
+            },
+        },
+    )
+
+
+def write_relay_config(setup: Setup, synapse: LocalSynapse) -> Path:
+    """A production-like config: defaults everywhere except addresses and the size cap."""
+    workdir = setup.workdir / "relay"
+    workdir.mkdir()
+    return write_yaml(
+        workdir / "config.yaml",
+        {
+            "homeserver": {"address": synapse.base_url, "domain": SERVER_NAME},
+            "appservice": {
+                "id": APPSERVICE_ID,
+                "bot_localpart": BOT_LOCALPART,
+                "as_token": setup.as_token,
+                "hs_token": setup.hs_token,
+                "hostname": "127.0.0.1",
+                "port": setup.internal_port,
+                "address": f"http://127.0.0.1:{setup.internal_port}",
+            },
+            "public": {
+                "url": f"http://127.0.0.1:{setup.public_port}/",
+                "hostname": "127.0.0.1",
+                "port": setup.public_port,
+            },
+            "database": f"sqlite:{workdir / 'relay.db'}",
+            # The default max_size (100M) is exactly the large file; leave headroom.
+            "media": {"cache_dir": str(workdir / "cache"), "max_size": "1G"},
+            "signing": {"keys": [{"id": "k1", "secret": secrets.token_urlsafe(32)}]},
+            "bridges": [],
+        },
+    )
+
+
+def spawn_relay(config: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
+    # A separate process on purpose: the benchmark must not share its event loop.
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "run", "-c", str(config)],
+        cwd=config.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:]
+
+
+@contextlib.asynccontextmanager
+async def relay_process(config: Path, internal_port: int) -> AsyncIterator[int]:
+    """``python -m relay run -c config`` until healthy; yields its pid; SIGTERM afterwards."""
+    log_path = config.with_name("relay.log")
+    with log_path.open("wb") as log_file:
+        process = spawn_relay(config, log_file)
+        try:
+            await wait_healthy(process, internal_port, log_path)
+            yield process.pid
+        finally:
+            await stop_process(process)
+
+
+async def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+
+async def wait_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    url = f"http://127.0.0.1:{port}/_relay/health"
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = log_tail(log_path)
+                raise RuntimeError(f"relay exited with {process.returncode}:\n{tail}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError("relay did not become healthy in 30 s")
+
+
+def sign(config: Path, mxc: str) -> str:
+    """A signed link from the operator's command (stdout is the URL alone)."""
+    argv = [sys.executable, "-m", "relay", "sign", "-c", str(config), "--force"]
+    argv += ["--ttl", str(LINK_TTL), mxc]
+    done = subprocess.run(
+        argv,
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"media-relay sign failed ({done.returncode}): {done.stderr}")
+    return done.stdout.strip()
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``VmRSS``/``VmHWM``-style field of /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (fields 14 and 15 of /proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RssSampler:
+    """The highest ``VmRSS`` seen while running (``VmHWM`` is read at the end too)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kib = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                self.peak_kib = max(self.peak_kib, proc_status_kib(self.pid, "VmRSS"))
+            await asyncio.sleep(RSS_SAMPLE_SECONDS)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+# ---------------------------------------------------------------- Synapse side
+
+
+async def upload(session: aiohttp.ClientSession, base: str, token: str, data: bytes) -> str:
+    async with session.post(
+        f"{base}/_matrix/media/v3/upload?filename=bench.bin",
+        data=data,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+    ) as response:
+        body = await response.json()
+        if response.status != 200:
+            raise RuntimeError(f"upload failed: {response.status} {body}")
+        return str(body["content_uri"])
+
+
+def synapse_download_url(base: str, mxc: str) -> str:
+    server, media_id = mxc.removeprefix("mxc://").split("/", 1)
+    return f"{base}/_matrix/client/v1/media/download/{server}/{media_id}"
+
+
+async def fetch_and_check(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], expected: str, size: int
+) -> None:
+    """One GET; its body must be the upload (length and SHA-256)."""
+    digest = hashlib.sha256()
+    length = 0
+    async with session.get(url, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"GET {url.split('?')[0][:60]}…: {response.status}")
+        async for chunk in response.content.iter_chunked(1 << 20):
+            digest.update(chunk)
+            length += len(chunk)
+    if length != size or digest.hexdigest() != expected:
+        raise RuntimeError(f"GET {url[:60]}… returned {length} bytes that differ from the upload")
+
+
+# ---------------------------------------------------------------- wrk
+
+
+@dataclass(frozen=True)
+class Target:
+    server: str  # "relay" or "Synapse"
+    label: str  # "100 KiB" / "100 MiB"
+    size: int
+    url: str
+    headers: tuple[str, ...]
+    connections: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Run:
+    target: Target
+    requests: int
+    body_bytes_read: int  # everything wrk read, headers included, partial bodies too
+    seconds: float
+    errors: dict[str, int]
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    cpu_cores: float  # the server's CPU seconds per wall second
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def megabytes_per_second(self) -> float:
+        # wrk counts bytes as they are read, so bodies still in flight at the end count
+        # too (with a few 100 MiB responses, whole-request counting would be too coarse).
+        return self.body_bytes_read / self.seconds / 1e6
+
+    @property
+    def problems(self) -> list[str]:
+        found = [f"{count} {name} errors" for name, count in self.errors.items() if count]
+        if self.requests == 0:
+            found.append("no request completed")
+        elif self.body_bytes_read < self.requests * self.target.size:
+            found.append("fewer bytes read than complete bodies")
+        return found
+
+
+async def run_wrk(wrk: str, target: Target, seconds: float, threads: int, script: Path) -> Run:
+    """One wrk run against ``target``; raises RuntimeError if wrk itself fails."""
+    argv = [wrk, f"-t{threads}", f"-c{target.connections}", f"-d{seconds:g}s", "--timeout", "60s"]
+    for header in target.headers:
+        argv += ["-H", header]
+    argv += ["-s", str(script), target.url]
+    cpu_before = cpu_seconds(target.pid)
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        output, _ = await process.communicate()
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    wall = time.monotonic() - started
+    cpu = cpu_seconds(target.pid) - cpu_before
+    text = output.decode(errors="replace")
+    match = re.search(r"^BENCH (.*)$", text, re.MULTILINE)
+    if process.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({process.returncode}):\n{text}")
+    values = {k: int(v) for k, v in (pair.split("=") for pair in match.group(1).split())}
+    return Run(
+        target=target,
+        requests=values["requests"],
+        body_bytes_read=values["bytes"],
+        seconds=values["duration_us"] / 1e6,
+        errors={k: values[k] for k in ("connect", "read", "write", "status", "timeout")},
+        p50_ms=values["p50_us"] / 1000,
+        p99_ms=values["p99_us"] / 1000,
+        max_ms=values["max_us"] / 1000,
+        cpu_cores=cpu / wall,
+    )
+
+
+# ---------------------------------------------------------------- report
+
+
+def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool:
+    print()
+    header = (
+        f"{'target':<18} {'conns':>5} {'requests':>8} {'req/s':>8} {'MB/s':>8} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10}  errors"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        t = r.target
+        print(
+            f"{t.server + ' ' + t.label:<18} {t.connections:>5} {r.requests:>8} "
+            f"{r.requests_per_second:>8.0f} {r.megabytes_per_second:>8.1f} "
+            f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.cpu_cores:>9.0%}  "
+            f"{', '.join(r.problems) or 'none'}"
+        )
+    by = {(r.target.server, r.target.size): r for r in runs}
+    small = by[("relay", SMALL_SIZE)].requests_per_second / max(
+        by[("Synapse", SMALL_SIZE)].requests_per_second, 1e-9
+    )
+    large = by[("relay", LARGE_SIZE)].megabytes_per_second / max(
+        by[("Synapse", LARGE_SIZE)].megabytes_per_second, 1e-9
+    )
+    valid = all(not r.problems for r in runs)
+    checks = [
+        ("req/s at 100 KiB, relay / Synapse", small, f">= {TARGET_SMALL_RPS_RATIO:g}x",
+         f"{small:.1f}x", small >= TARGET_SMALL_RPS_RATIO),
+        ("MB/s at 100 MiB, relay / Synapse", large, f">= {TARGET_LARGE_MBPS_RATIO:g}x",
+         f"{large:.1f}x", large >= TARGET_LARGE_MBPS_RATIO),
+        ("relay peak RSS", peak_rss_mib, f"< {TARGET_PEAK_RSS_MIB:g} MiB",
+         f"{peak_rss_mib:.1f} MiB", peak_rss_mib < TARGET_PEAK_RSS_MIB),
+    ]  # fmt: skip
+    print()
+    for name, _, target, shown, ok in checks:
+        print(f"{name:<36} {shown:>10}  target {target:<10} {'PASS' if ok else 'FAIL'}")
+    print(f"{'(Synapse peak RSS, for comparison)':<36} {synapse_rss_mib:>6.1f} MiB")
+    if not valid:
+        print("INVALID: some runs had errors (see the table); the ratios mean nothing")
+    return valid and all(ok for *_, ok in checks)
+
+
+# ---------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace, wrk: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="relay-serve-bench-") as tmp:
+        workdir = Path(tmp)
+        script = workdir / "report.lua"
+        script.write_text(WRK_REPORT_LUA, encoding="utf-8")
+        internal, public, synapse_port = free_ports(3)
+        setup = Setup(
+            workdir, secrets.token_urlsafe(32), secrets.token_urlsafe(32), internal, public
+        )
+        synapse = LocalSynapse(
+            workdir=workdir / "synapse",
+            registration_files=[write_registration(setup)],
+            server_name=SERVER_NAME,
+            port=synapse_port,
+        )
+        started = time.monotonic()
+        print(f"starting Synapse in {tmp} ...", flush=True)
+        await synapse.start()
+        try:
+            return await bench(args, wrk, setup, synapse, script, started)
+        finally:
+            await synapse.stop()
+
+
+async def bench(
+    args: argparse.Namespace,
+    wrk: str,
+    setup: Setup,
+    synapse: LocalSynapse,
+    script: Path,
+    started: float,
+) -> int:
+    _, token = await synapse.register_user("bench")
+    auth = {"Authorization": f"Bearer {token}"}
+    files = {size: os.urandom(size) for size in (SMALL_SIZE, LARGE_SIZE)}
+    digests = {size: hashlib.sha256(data).hexdigest() for size, data in files.items()}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        mxcs = {
+            size: await upload(session, synapse.base_url, token, data)
+            for size, data in files.items()
+        }
+    del files
+    print(f"Synapse ready and files uploaded after {time.monotonic() - started:.1f} s", flush=True)
+
+    config = write_relay_config(setup, synapse)
+    links = {size: await asyncio.to_thread(sign, config, mxc) for size, mxc in mxcs.items()}
+    async with relay_process(config, setup.internal_port) as relay_pid:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for size in (SMALL_SIZE, LARGE_SIZE):
+                # The first GET fills the relay's cache; the second is a cache hit.
+                for _ in range(2):
+                    await fetch_and_check(session, links[size], {}, digests[size], size)
+                await fetch_and_check(
+                    session,
+                    synapse_download_url(synapse.base_url, mxcs[size]),
+                    auth,
+                    digests[size],
+                    size,
+                )
+        print(f"relay cache warm after {time.monotonic() - started:.1f} s", flush=True)
+        synapse_pid = synapse.pid
+        if synapse_pid is None:
+            raise RuntimeError("Synapse is not running")
+        bearer = f"Authorization: Bearer {token}"
+        targets: list[Target] = []
+        for size, label, conns in (
+            (SMALL_SIZE, "100 KiB", args.small_connections),
+            (LARGE_SIZE, "100 MiB", args.large_connections),
+        ):
+            targets.append(Target("relay", label, size, links[size], (), conns, relay_pid))
+            synapse_url = synapse_download_url(synapse.base_url, mxcs[size])
+            targets.append(
+                Target("Synapse", label, size, synapse_url, (bearer,), conns, synapse_pid)
+            )
+        sampler = RssSampler(relay_pid)
+        sampler.start()
+        runs: list[Run] = []
+        try:
+            for target in targets:
+                print(
+                    f"{target.server} {target.label}: {args.warmup:g} s warm-up, "
+                    f"{args.duration:g} s measured, {target.connections} connections ...",
+                    flush=True,
+                )
+                if args.warmup > 0:
+                    await run_wrk(wrk, target, args.warmup, args.threads, script)
+                runs.append(await run_wrk(wrk, target, args.duration, args.threads, script))
+        finally:
+            await sampler.stop()
+        relay_hwm_kib = proc_status_kib(relay_pid, "VmHWM")
+        synapse_hwm_kib = proc_status_kib(synapse_pid, "VmHWM")
+    peak_mib = max(relay_hwm_kib, sampler.peak_kib) / 1024
+    print(
+        f"wrk {args.threads} threads, same settings for both servers; "
+        f"total time {time.monotonic() - started:.0f} s"
+    )
+    return 0 if report(runs, peak_mib, synapse_hwm_kib / 1024) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10, help="seconds measured per target")
+    parser.add_argument(
+        "--warmup", type=float, default=2, help="unmeasured seconds per target before"
+    )
+    parser.add_argument(
+        "--small-connections", type=int, default=32, help="wrk connections for 100 KiB"
+    )
+    parser.add_argument(
+        "--large-connections", type=int, default=4, help="wrk connections for 100 MiB"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    args = parser.parse_args()
+    if min(args.small_connections, args.large_connections, args.threads) < 1:
+        parser.error("connections and threads must be >= 1")
+    if args.duration <= 0 or args.warmup < 0:
+        parser.error("--duration must be > 0 and --warmup >= 0")
+    if args.threads > min(args.small_connections, args.large_connections):
+        parser.error("wrk needs at least as many connections as threads")
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print(WRK_MISSING, file=sys.stderr)
+        return 2
+    return asyncio.run(main_task(args, wrk))
+
+
+async def main_task(args: argparse.Namespace, wrk: str) -> int:
+    # SIGTERM cancels like Ctrl-C does, so every finally (servers, temp dir) runs.
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await run(args, wrk)
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped and temporary files removed", file=sys.stderr)
+        raise SystemExit(130) from None
