@@ -388,42 +388,65 @@ async def run_wrk(wrk: str, target: Target, seconds: float, threads: int, script
 # ---------------------------------------------------------------- report
 
 
+def key_figure(run: Run) -> float:
+    """What the target is about: requests/s for the small file, MB/s for the large one."""
+    if run.target.size == SMALL_SIZE:
+        return run.requests_per_second
+    return run.megabytes_per_second
+
+
+def best_runs(runs: list[Run]) -> dict[tuple[str, int], Run]:
+    """Per (server, size), the round with the best key figure (background noise only slows)."""
+    best: dict[tuple[str, int], Run] = {}
+    for r in runs:
+        key = (r.target.server, r.target.size)
+        if key not in best or key_figure(r) > key_figure(best[key]):
+            best[key] = r
+    return best
+
+
 def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool:
+    best = best_runs(runs)
     print()
     header = (
-        f"{'target':<18} {'conns':>5} {'requests':>8} {'req/s':>8} {'MB/s':>8} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10}  errors"
+        f"{'target':<17} {'conns':>5} {'req/s':>7} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'CPU':>5}  {'all rounds':<18} errors"
     )
     print(header)
     print("-" * len(header))
-    for r in runs:
-        t = r.target
-        print(
-            f"{t.server + ' ' + t.label:<18} {t.connections:>5} {r.requests:>8} "
-            f"{r.requests_per_second:>8.0f} {r.megabytes_per_second:>8.1f} "
-            f"{r.p50_ms:>8.2f} {r.p99_ms:>8.2f} {r.cpu_cores:>9.0%}  "
-            f"{', '.join(r.problems) or 'none'}"
+    for (server, size), r in best.items():
+        rounds = "/".join(
+            f"{key_figure(x):.0f}"
+            for x in runs
+            if (x.target.server, x.target.size) == (server, size)
         )
-    by = {(r.target.server, r.target.size): r for r in runs}
-    small = by[("relay", SMALL_SIZE)].requests_per_second / max(
-        by[("Synapse", SMALL_SIZE)].requests_per_second, 1e-9
+        problems = sorted({p for x in runs if x.target is r.target for p in x.problems})
+        print(
+            f"{server + ' ' + r.target.label:<17} {r.target.connections:>5} "
+            f"{r.requests_per_second:>7.0f} {r.megabytes_per_second:>7.0f} "
+            f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.cpu_cores:>5.0%}  {rounds:<18} "
+            f"{', '.join(problems) or 'none'}"
+        )
+    small = key_figure(best[("relay", SMALL_SIZE)]) / max(
+        key_figure(best[("Synapse", SMALL_SIZE)]), 1e-9
     )
-    large = by[("relay", LARGE_SIZE)].megabytes_per_second / max(
-        by[("Synapse", LARGE_SIZE)].megabytes_per_second, 1e-9
+    large = key_figure(best[("relay", LARGE_SIZE)]) / max(
+        key_figure(best[("Synapse", LARGE_SIZE)]), 1e-9
     )
     valid = all(not r.problems for r in runs)
     checks = [
-        ("req/s at 100 KiB, relay / Synapse", small, f">= {TARGET_SMALL_RPS_RATIO:g}x",
-         f"{small:.1f}x", small >= TARGET_SMALL_RPS_RATIO),
-        ("MB/s at 100 MiB, relay / Synapse", large, f">= {TARGET_LARGE_MBPS_RATIO:g}x",
-         f"{large:.1f}x", large >= TARGET_LARGE_MBPS_RATIO),
-        ("relay peak RSS", peak_rss_mib, f"< {TARGET_PEAK_RSS_MIB:g} MiB",
-         f"{peak_rss_mib:.1f} MiB", peak_rss_mib < TARGET_PEAK_RSS_MIB),
+        ("req/s at 100 KiB, relay / Synapse", f"{small:.1f}x",
+         f">= {TARGET_SMALL_RPS_RATIO:g}x", small >= TARGET_SMALL_RPS_RATIO),
+        ("MB/s at 100 MiB, relay / Synapse", f"{large:.1f}x",
+         f">= {TARGET_LARGE_MBPS_RATIO:g}x", large >= TARGET_LARGE_MBPS_RATIO),
+        ("relay peak RSS", f"{peak_rss_mib:.1f} MiB",
+         f"< {TARGET_PEAK_RSS_MIB:g} MiB", peak_rss_mib < TARGET_PEAK_RSS_MIB),
     ]  # fmt: skip
+    print("(best round shown; CPU = the server process's CPU seconds per second)")
     print()
-    for name, _, target, shown, ok in checks:
-        print(f"{name:<36} {shown:>10}  target {target:<10} {'PASS' if ok else 'FAIL'}")
-    print(f"{'(Synapse peak RSS, for comparison)':<36} {synapse_rss_mib:>6.1f} MiB")
+    for name, shown, target, ok in checks:
+        print(f"{name:<34} {shown:>9}  target {target:<9} {'PASS' if ok else 'FAIL'}")
+    print(f"{'Synapse peak RSS (for comparison)':<34} {synapse_rss_mib:>5.1f} MiB")
     if not valid:
         print("INVALID: some runs had errors (see the table); the ratios mean nothing")
     return valid and all(ok for *_, ok in checks)
@@ -511,15 +534,20 @@ async def bench(
         sampler.start()
         runs: list[Run] = []
         try:
-            for target in targets:
-                print(
-                    f"{target.server} {target.label}: {args.warmup:g} s warm-up, "
-                    f"{args.duration:g} s measured, {target.connections} connections ...",
-                    flush=True,
-                )
-                if args.warmup > 0:
-                    await run_wrk(wrk, target, args.warmup, args.threads, script)
-                runs.append(await run_wrk(wrk, target, args.duration, args.threads, script))
+            # Rounds interleave the servers, so a burst of background load hits both.
+            for round_no in range(1, args.rounds + 1):
+                for target in targets:
+                    if round_no == 1 and args.warmup > 0:
+                        await run_wrk(wrk, target, args.warmup, args.threads, script)
+                    result = await run_wrk(wrk, target, args.duration, args.threads, script)
+                    runs.append(result)
+                    print(
+                        f"round {round_no}/{args.rounds} {target.server} {target.label}, "
+                        f"{target.connections} connections: "
+                        f"{result.requests_per_second:.0f} req/s, "
+                        f"{result.megabytes_per_second:.0f} MB/s",
+                        flush=True,
+                    )
         finally:
             await sampler.stop()
         relay_hwm_kib = proc_status_kib(relay_pid, "VmHWM")
@@ -534,20 +562,28 @@ async def bench(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10, help="seconds measured per target")
     parser.add_argument(
-        "--warmup", type=float, default=2, help="unmeasured seconds per target before"
+        "--duration", type=float, default=5, help="seconds per measured run (default 5)"
     )
     parser.add_argument(
-        "--small-connections", type=int, default=32, help="wrk connections for 100 KiB"
+        "--rounds", type=int, default=2, help="measured runs per target, interleaved (default 2)"
     )
     parser.add_argument(
-        "--large-connections", type=int, default=4, help="wrk connections for 100 MiB"
+        "--warmup",
+        type=float,
+        default=2,
+        help="unmeasured seconds per target before its first run (default 2)",
     )
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument(
+        "--small-connections", type=int, default=32, help="wrk connections, 100 KiB (32)"
+    )
+    parser.add_argument(
+        "--large-connections", type=int, default=8, help="wrk connections, 100 MiB (8)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     args = parser.parse_args()
-    if min(args.small_connections, args.large_connections, args.threads) < 1:
-        parser.error("connections and threads must be >= 1")
+    if min(args.small_connections, args.large_connections, args.threads, args.rounds) < 1:
+        parser.error("connections, threads and rounds must be >= 1")
     if args.duration <= 0 or args.warmup < 0:
         parser.error("--duration must be > 0 and --warmup >= 0")
     if args.threads > min(args.small_connections, args.large_connections):
@@ -560,11 +596,24 @@ def main() -> int:
 
 
 async def main_task(args: argparse.Namespace, wrk: str) -> int:
-    # SIGTERM cancels like Ctrl-C does, so every finally (servers, temp dir) runs.
+    """``run`` with SIGTERM handled like Ctrl-C: every finally (servers, temp dir) runs."""
     task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await run(args, wrk)
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if task is not None:
+            task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+    try:
+        return await run(args, wrk)
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        print("terminated; servers stopped and temporary files removed", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":
