@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from relay.auth import bearer_token
 from relay.config import BridgeConfig, Config
 from relay.errors import Codes, MatrixError
 from relay.events import MalformedEvent, MediaReference, Role, extract_from_content, rewrite_content
 from relay.headers import safe_filename
-from relay.ingest import bearer_token
 from relay.metrics import Metrics
 from relay.mxc import InvalidMxc, MediaId, parse_mxc
 from relay.revocation import RevocationCheck

@@ -55,23 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_common_options(parser, Path("config.yaml"), False)
+    # Subcommands accept the same options; SUPPRESS keeps a value given before the
+    # subcommand (`media-relay -c x.yaml sign …`) from being reset by their defaults.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=Path("config.yaml"),
-        help="configuration file (default: config.yaml)",
-    )
-    common.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
-    parser.add_argument(
-        "-c",
-        "--config",
-        type=Path,
-        default=Path("config.yaml"),
-        help="configuration file (default: config.yaml)",
-    )
-    parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    _add_common_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the relay (the default command)")
@@ -118,12 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="start a throwaway local Synapse and the relay, post an image, print a link"
     )
-    demo.add_argument("--debug", action="store_true")
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     demo.add_argument(
         "--once", action="store_true", help="fetch the printed link, check the bytes, and exit"
     )
     demo.add_argument("--workdir", type=Path, help="keep the demo's files here (default: temp)")
     return parser
+
+
+def _add_common_options(p: argparse.ArgumentParser, config: object, debug: object) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=config,
+        help="configuration file (default: config.yaml)",
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=debug, help="debug logging and full tracebacks"
+    )
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

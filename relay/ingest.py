@@ -7,7 +7,6 @@ homeserver retry and nothing is lost or counted twice.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -17,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.auth import check_token
 from relay.errors import Codes, MatrixError
 from relay.ingest_plan import RoomPolicy, TransactionPlan, plan_transaction, room_ids
 from relay.metrics import Metrics
@@ -28,34 +28,6 @@ log = logging.getLogger(__name__)
 # Prefixed routes (v1) and the legacy unprefixed ones (spec: "Legacy routes").
 V1 = "/_matrix/app/v1"
 LEGACY_THIRDPARTY = "/_matrix/app/unstable/thirdparty"
-
-
-def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return ""  # present but unusable: treated as a wrong token
-    return token.strip()
-
-
-def check_token(request: web.Request, expected: str) -> None:
-    """Header and deprecated ``access_token`` query parameter; both must match if both are sent.
-
-    Missing → 401 M_MISSING_TOKEN, wrong → 403 M_FORBIDDEN (spec: "Authorization").
-    Every comparison is constant-time.
-    """
-    candidates = [
-        t for t in (bearer_token(request), request.query.get("access_token")) if t is not None
-    ]
-    if not candidates:
-        raise MatrixError(401, Codes.MISSING_TOKEN, "Missing hs_token")
-    ok = True
-    for token in candidates:
-        ok &= hmac.compare_digest(token.encode(), expected.encode())
-    if not ok:
-        raise MatrixError(403, Codes.FORBIDDEN, "Invalid hs_token")
 
 
 @dataclass(frozen=True, slots=True)
