@@ -1,7 +1,7 @@
 """Serving benchmark: cached media through signed links, side by side with Synapse.
 
-    python bench/serve.py [--duration S] [--warmup S] [--small-connections C]
-                          [--large-connections C] [--threads T]
+    python bench/serve.py [--duration S] [--rounds N] [--warmup S] [--threads T]
+                          [--small-connections C] [--large-connections C]
 
 What it does:
   1. starts a throwaway Synapse, registers a user and uploads a 100 KiB and a 100 MiB
@@ -15,7 +15,9 @@ What it does:
      relay 100 KiB, Synapse 100 KiB, relay 100 MiB, Synapse 100 MiB. Synapse is asked
      through its authenticated endpoint, ``GET /_matrix/client/v1/media/download/…``
      with the user's access token, as a Matrix client would. Each target gets an
-     unmeasured warm-up run first. Both sides get the same wrk settings;
+     unmeasured warm-up run, then N measured rounds interleave the targets (so a burst
+     of background load hits both servers) and the best round of each counts. Both
+     sides get the same wrk settings;
   5. reports requests/s, MB/s (10^6 bytes), latency percentiles and the server's CPU
      use per target, the relay's peak RSS (``VmHWM`` of its process, covering start-up,
      the cache warm-up and every run), and checks the targets of the issue:
@@ -24,7 +26,7 @@ What it does:
      invalid and fails the benchmark.
 
 Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``).
-Takes about 75 s with the defaults.
+Takes about 55 s with the defaults.
 """
 
 from __future__ import annotations
