@@ -30,7 +30,6 @@ import logging
 import math
 import re
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -42,6 +41,7 @@ from yarl import URL
 
 from relay.capabilities import Capabilities
 from relay.errors import Codes, MatrixError
+from relay.headers import safe_filename
 from relay.metrics import Metrics
 from relay.mxc import InvalidMxc, MediaId, is_valid_media_id, is_valid_server_name
 from relay.variant import Thumbnail, variant_key
@@ -165,7 +165,7 @@ def filename_from_content_disposition(header: str | None) -> str | None:
                     raw = None
     if raw is None:
         raw = params.get("filename")
-    return _safe_filename(raw)
+    return safe_filename(raw)
 
 
 def _split_params(header: str) -> list[str]:
@@ -187,16 +187,6 @@ def _split_params(header: str) -> list[str]:
         current.append(ch)
     parts.append("".join(current))
     return parts
-
-
-def _safe_filename(raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C").strip()
-    if name in ("", ".", ".."):
-        return None
-    return name[:255]
 
 
 _MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
