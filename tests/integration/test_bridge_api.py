@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from typing import Any
@@ -12,6 +11,7 @@ import pytest
 
 from relay.app import Relay
 from relay.encrypted_media import encrypt_attachment
+from tests.harness.encryption import encrypted_file_json
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay
 from tests.harness.rooms import served_room
@@ -46,11 +46,6 @@ async def call(
 
 def signed_count(relay: Relay) -> float:
     return relay.metrics.value("relay_signed_urls", {"source": "testbridge"})
-
-
-def b64(data: bytes, *, urlsafe: bool = False) -> str:
-    encoded = base64.urlsafe_b64encode(data) if urlsafe else base64.b64encode(data)
-    return encoded.decode().rstrip("=")
 
 
 @pytest.fixture
@@ -236,19 +231,7 @@ async def test_rewrite_every_reference_and_serve_decrypted(
     plaintext = b"secret report contents " * 50
     ciphertext, enc = encrypt_attachment(plaintext)
     file_mxc = await alice.upload(ciphertext, "application/octet-stream")
-    encrypted_file = {
-        "url": file_mxc,
-        "key": {
-            "kty": "oct",
-            "alg": "A256CTR",
-            "ext": True,
-            "k": b64(enc.key, urlsafe=True),
-            "key_ops": ["encrypt", "decrypt"],
-        },
-        "iv": b64(enc.iv),
-        "hashes": {"sha256": b64(enc.sha256)},
-        "v": "v2",
-    }
+    encrypted_file = encrypted_file_json(file_mxc, enc)
     image_msg = image_content(image_mxc, body="photo.png")
     image_msg["info"]["thumbnail_url"] = thumb_mxc
     file_msg = {

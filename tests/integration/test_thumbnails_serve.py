@@ -18,11 +18,11 @@ from relay.encrypted_media import encrypt_attachment
 from relay.media_source import MediaSource
 from relay.mxc import parse_mxc
 from relay.renditions import derived_key
+from tests.harness.encryption import encrypted_file_json
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay
 from tests.harness.rooms import served_room
 from tests.harness.waiting import eventually
-from tests.integration.test_bridge_api import b64
 from tests.integration.test_serve import errcode, fetch, post_media, sign, wait_recorded
 from tests.integration.test_sign_command import run_sign
 from tests.unit.test_renditions import GPS_IFD, bomb_png, gps_jpeg, image_bytes
@@ -257,19 +257,7 @@ async def test_encrypted_image_thumbnail(
     room_id = await served_room(relay, alice)
     ciphertext, enc = encrypt_attachment(image_bytes("PNG", (90, 60)))
     mxc = await alice.upload(ciphertext, "application/octet-stream")
-    encrypted_file = {
-        "url": mxc,
-        "key": {
-            "kty": "oct",
-            "alg": "A256CTR",
-            "ext": True,
-            "k": b64(enc.key, urlsafe=True),
-            "key_ops": ["encrypt", "decrypt"],
-        },
-        "iv": b64(enc.iv),
-        "hashes": {"sha256": b64(enc.sha256)},
-        "v": "v2",
-    }
+    encrypted_file = encrypted_file_json(mxc, enc)
     content = {"msgtype": "m.image", "body": "secret.png", "file": encrypted_file}
     content["info"] = {"mimetype": "image/png"}
     await alice.send_message(room_id, content)
