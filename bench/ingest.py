@@ -32,25 +32,28 @@ import json
 import math
 import os
 import secrets
-import signal
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 import asyncpg
-from ruamel.yaml import YAML
+from benchkit import (
+    SERVER_NAME,
+    RelaySetup,
+    relay_config,
+    relay_process,
+    write_registration,
+    write_yaml,
+)
 
 from relay.events import extract_media
 from relay.local_synapse import LocalSynapse, free_ports
 
-SERVER_NAME = "localhost"
 APPSERVICE_ID = "media-relay-bench"
 BOT_LOCALPART = "mediarelaybench"
 ROOMS = 20
@@ -201,122 +204,6 @@ def build_workload(transactions: int, size: int) -> Workload:
 # ---------------------------------------------------------------- the relay under test
 
 
-@dataclass(frozen=True)
-class Setup:
-    as_token: str
-    hs_token: str
-    internal_port: int
-    workdir: Path
-
-
-def write_yaml(path: Path, data: dict[str, Any]) -> Path:
-    yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = False
-    with path.open("w", encoding="utf-8") as out:
-        yaml.dump(data, out)
-    return path
-
-
-def write_registration(setup: Setup) -> Path:
-    bot = f"@{BOT_LOCALPART}:{SERVER_NAME}"
-    return write_yaml(
-        setup.workdir / "registration.yaml",
-        {
-            "id": APPSERVICE_ID,
-            "url": f"http://127.0.0.1:{setup.internal_port}",
-            "as_token": setup.as_token,
-            "hs_token": setup.hs_token,
-            "sender_localpart": BOT_LOCALPART,
-            "rate_limited": False,
-            "namespaces": {
-                "users": [{"exclusive": True, "regex": "^" + bot.replace(".", "\\.") + "$"}],
-                "aliases": [],
-                "rooms": [],
-            },
-        },
-    )
-
-
-def relay_config(setup: Setup, synapse: LocalSynapse, database: str, public_port: int) -> Path:
-    workdir = setup.workdir / database.split(":", 1)[0]
-    workdir.mkdir(exist_ok=True)
-    return write_yaml(
-        workdir / "config.yaml",
-        {
-            "homeserver": {"address": synapse.base_url, "domain": SERVER_NAME},
-            "appservice": {
-                "id": APPSERVICE_ID,
-                "bot_localpart": BOT_LOCALPART,
-                "as_token": setup.as_token,
-                "hs_token": setup.hs_token,
-                "hostname": "127.0.0.1",
-                "port": setup.internal_port,
-                "address": f"http://127.0.0.1:{setup.internal_port}",
-                "room_namespace": ["!bench.*"],
-            },
-            "public": {
-                "url": f"http://127.0.0.1:{public_port}/",
-                "hostname": "127.0.0.1",
-                "port": public_port,
-            },
-            "database": database,
-            "media": {"cache_dir": str(workdir / "cache")},
-            "signing": {"keys": [{"id": "k1", "secret": secrets.token_urlsafe(32)}]},
-            "bridges": [],
-            "logging": {"level": "WARNING"},
-        },
-    )
-
-
-def spawn_relay(config: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    # A separate process on purpose: the load generator must not share its event loop.
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "-c", str(config)],
-        cwd=config.parent,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def log_tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-3000:]
-
-
-@contextlib.asynccontextmanager
-async def relay_process(config: Path, internal_port: int) -> Any:
-    """``python -m relay -c config`` until it answers its health check; SIGTERM afterwards."""
-    log_path = config.with_name("relay.log")
-    with log_path.open("wb") as log_file:
-        process = spawn_relay(config, log_file)
-        try:
-            await wait_healthy(process, internal_port, log_path)
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.to_thread(process.wait, 15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    await asyncio.to_thread(process.wait)
-
-
-async def wait_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    url = f"http://127.0.0.1:{port}/_relay/health"
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"relay exited with {process.returncode}:\n{log_tail(log_path)}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"relay did not become healthy:\n{log_tail(log_path)}")
-
-
 # ---------------------------------------------------------------- load
 
 
@@ -389,13 +276,23 @@ async def count_rows(database: str) -> tuple[int, int]:
 async def bench_one(
     name: str,
     database: str,
-    setup: Setup,
+    setup: RelaySetup,
     synapse: LocalSynapse,
     workload: Workload,
     concurrency: int,
 ) -> Result:
-    public_port = free_ports(1)[0]
-    config = relay_config(setup, synapse, database, public_port)
+    workdir = setup.workdir / name
+    workdir.mkdir(exist_ok=True)
+    config = write_yaml(
+        workdir / "config.yaml",
+        relay_config(
+            setup,
+            synapse,
+            database=database,
+            cache_dir=workdir / "cache",
+            appservice={"room_namespace": ["!bench.*"]},
+        ),
+    )
     prefix = f"{name}-{secrets.token_hex(3)}"
     bodies = [(f"{prefix}-{i}", body) for i, body in enumerate(workload.bodies)]
     warmup, measured = bodies[:WARMUP_TRANSACTIONS], bodies[WARMUP_TRANSACTIONS:]
@@ -493,10 +390,8 @@ async def run(args: argparse.Namespace) -> int:
     total = args.transactions + WARMUP_TRANSACTIONS
     workload = build_workload(total, args.events)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
-        internal_port, synapse_port = free_ports(2)
-        setup = Setup(
-            secrets.token_urlsafe(32), secrets.token_urlsafe(32), internal_port, Path(tmp)
-        )
+        internal_port, public_port, synapse_port = free_ports(3)
+        setup = RelaySetup(Path(tmp), APPSERVICE_ID, BOT_LOCALPART, internal_port, public_port)
         synapse = LocalSynapse(
             workdir=Path(tmp) / "synapse",
             registration_files=[write_registration(setup)],
@@ -512,7 +407,7 @@ async def run(args: argparse.Namespace) -> int:
             for name in databases:
                 print(f"{name}: {args.transactions} transactions ...", flush=True)
                 if name == "sqlite":
-                    db = f"sqlite:{Path(tmp) / 'sqlite' / 'relay.db'}"
+                    db = f"sqlite:{Path(tmp) / 'relay.db'}"
                     results.append(
                         await bench_one(name, db, setup, synapse, workload, args.concurrency)
                     )

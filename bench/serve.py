@@ -37,24 +37,27 @@ import contextlib
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
 import aiohttp
-from ruamel.yaml import YAML
+from benchkit import (
+    SERVER_NAME,
+    RelaySetup,
+    relay_config,
+    relay_process,
+    write_registration,
+    write_yaml,
+)
 
 from relay.local_synapse import LocalSynapse, free_ports
 
-SERVER_NAME = "localhost"
 APPSERVICE_ID = "media-relay-serve-bench"
 BOT_LOCALPART = "mediarelayservebench"
 SMALL_SIZE = 100 * 1024
@@ -84,128 +87,6 @@ end
 
 
 # ---------------------------------------------------------------- processes
-
-
-def write_yaml(path: Path, data: dict[str, Any]) -> Path:
-    yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = False
-    with path.open("w", encoding="utf-8") as out:
-        yaml.dump(data, out)
-    return path
-
-
-@dataclass(frozen=True)
-class Setup:
-    workdir: Path
-    as_token: str
-    hs_token: str
-    internal_port: int
-    public_port: int
-
-
-def write_registration(setup: Setup) -> Path:
-    bot = f"@{BOT_LOCALPART}:{SERVER_NAME}"
-    return write_yaml(
-        setup.workdir / "registration.yaml",
-        {
-            "id": APPSERVICE_ID,
-            "url": f"http://127.0.0.1:{setup.internal_port}",
-            "as_token": setup.as_token,
-            "hs_token": setup.hs_token,
-            "sender_localpart": BOT_LOCALPART,
-            "rate_limited": False,
-            "namespaces": {
-                "users": [{"exclusive": True, "regex": "^" + bot.replace(".", "\\.") + "$"}],
-                "aliases": [],
-                "rooms": [],
-            },
-        },
-    )
-
-
-def write_relay_config(setup: Setup, synapse: LocalSynapse) -> Path:
-    """A production-like config: defaults everywhere except addresses and the size cap."""
-    workdir = setup.workdir / "relay"
-    workdir.mkdir()
-    return write_yaml(
-        workdir / "config.yaml",
-        {
-            "homeserver": {"address": synapse.base_url, "domain": SERVER_NAME},
-            "appservice": {
-                "id": APPSERVICE_ID,
-                "bot_localpart": BOT_LOCALPART,
-                "as_token": setup.as_token,
-                "hs_token": setup.hs_token,
-                "hostname": "127.0.0.1",
-                "port": setup.internal_port,
-                "address": f"http://127.0.0.1:{setup.internal_port}",
-            },
-            "public": {
-                "url": f"http://127.0.0.1:{setup.public_port}/",
-                "hostname": "127.0.0.1",
-                "port": setup.public_port,
-            },
-            "database": f"sqlite:{workdir / 'relay.db'}",
-            # The default max_size (100M) is exactly the large file; leave headroom.
-            "media": {"cache_dir": str(workdir / "cache"), "max_size": "1G"},
-            "signing": {"keys": [{"id": "k1", "secret": secrets.token_urlsafe(32)}]},
-            "bridges": [],
-        },
-    )
-
-
-def spawn_relay(config: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    # A separate process on purpose: the benchmark must not share its event loop.
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "-c", str(config)],
-        cwd=config.parent,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def log_tail(path: Path) -> str:
-    return path.read_text(errors="replace")[-3000:]
-
-
-@contextlib.asynccontextmanager
-async def relay_process(config: Path, internal_port: int) -> AsyncIterator[int]:
-    """``python -m relay run -c config`` until healthy; yields its pid; SIGTERM afterwards."""
-    log_path = config.with_name("relay.log")
-    with log_path.open("wb") as log_file:
-        process = spawn_relay(config, log_file)
-        try:
-            await wait_healthy(process, internal_port, log_path)
-            yield process.pid
-        finally:
-            await stop_process(process)
-
-
-async def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-
-
-async def wait_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    url = f"http://127.0.0.1:{port}/_relay/health"
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = log_tail(log_path)
-                raise RuntimeError(f"relay exited with {process.returncode}:\n{tail}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError("relay did not become healthy in 30 s")
 
 
 def sign(config: Path, mxc: str) -> str:
@@ -463,9 +344,7 @@ async def run(args: argparse.Namespace, wrk: str) -> int:
         script = workdir / "report.lua"
         script.write_text(WRK_REPORT_LUA, encoding="utf-8")
         internal, public, synapse_port = free_ports(3)
-        setup = Setup(
-            workdir, secrets.token_urlsafe(32), secrets.token_urlsafe(32), internal, public
-        )
+        setup = RelaySetup(workdir, APPSERVICE_ID, BOT_LOCALPART, internal, public)
         synapse = LocalSynapse(
             workdir=workdir / "synapse",
             registration_files=[write_registration(setup)],
@@ -484,7 +363,7 @@ async def run(args: argparse.Namespace, wrk: str) -> int:
 async def bench(
     args: argparse.Namespace,
     wrk: str,
-    setup: Setup,
+    setup: RelaySetup,
     synapse: LocalSynapse,
     script: Path,
     started: float,
@@ -502,9 +381,22 @@ async def bench(
     del files
     print(f"Synapse ready and files uploaded after {time.monotonic() - started:.1f} s", flush=True)
 
-    config = write_relay_config(setup, synapse)
+    relay_dir = setup.workdir / "relay"
+    relay_dir.mkdir()
+    config = write_yaml(
+        relay_dir / "config.yaml",
+        relay_config(
+            setup,
+            synapse,
+            database=f"sqlite:{relay_dir / 'relay.db'}",
+            cache_dir=relay_dir / "cache",
+            # The default max_size (100M) is exactly the large file; leave headroom.
+            media={"max_size": "1G"},
+        ),
+    )
     links = {size: await asyncio.to_thread(sign, config, mxc) for size, mxc in mxcs.items()}
-    async with relay_process(config, setup.internal_port) as relay_pid:
+    async with relay_process(config, setup.internal_port) as relay:
+        relay_pid = relay.pid
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for size in (SMALL_SIZE, LARGE_SIZE):
                 # The first GET fills the relay's cache; the second is a cache hit.

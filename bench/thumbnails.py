@@ -32,29 +32,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import secrets
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
 
 import aiohttp
+from benchkit import (
+    SERVER_NAME,
+    RelaySetup,
+    relay_config,
+    relay_process,
+    write_registration,
+    write_yaml,
+)
 from PIL import Image
-from ruamel.yaml import YAML
 
 from relay.local_synapse import LocalSynapse, free_ports
 from relay.thumbnails import target_size
 from relay.variant import Thumbnail
 
-SERVER_NAME = "localhost"
 APPSERVICE_ID = "media-relay-thumbs"
 BOT_LOCALPART = "mediarelaythumbs"
 BRIDGE_TOKEN = "bench-bridge-" + secrets.token_hex(16)
@@ -122,121 +123,6 @@ def samples() -> list[Sample]:
 
 
 # ---------------------------------------------------------------- servers
-
-
-def write_yaml(path: Path, data: dict[str, Any]) -> Path:
-    yaml = YAML(typ="safe", pure=True)
-    yaml.default_flow_style = False
-    with path.open("w", encoding="utf-8") as out:
-        yaml.dump(data, out)
-    return path
-
-
-@dataclass(frozen=True)
-class Ports:
-    internal: int
-    public: int
-    synapse: int
-
-
-def write_registration(workdir: Path, ports: Ports, as_token: str, hs_token: str) -> Path:
-    bot = f"@{BOT_LOCALPART}:{SERVER_NAME}"
-    return write_yaml(
-        workdir / "registration.yaml",
-        {
-            "id": APPSERVICE_ID,
-            "url": f"http://127.0.0.1:{ports.internal}",
-            "as_token": as_token,
-            "hs_token": hs_token,
-            "sender_localpart": BOT_LOCALPART,
-            "rate_limited": False,
-            "namespaces": {
-                "users": [{"exclusive": True, "regex": "^" + bot.replace(".", "\\.") + "$"}],
-                "aliases": [],
-                "rooms": [],
-            },
-        },
-    )
-
-
-def write_relay_config(
-    workdir: Path, synapse: LocalSynapse, ports: Ports, as_token: str, hs_token: str
-) -> Path:
-    return write_yaml(
-        workdir / "relay.yaml",
-        {
-            "homeserver": {"address": synapse.base_url, "domain": SERVER_NAME},
-            "appservice": {
-                "id": APPSERVICE_ID,
-                "bot_localpart": BOT_LOCALPART,
-                "as_token": as_token,
-                "hs_token": hs_token,
-                "hostname": "127.0.0.1",
-                "port": ports.internal,
-                "address": f"http://127.0.0.1:{ports.internal}",
-            },
-            "public": {
-                "url": f"http://127.0.0.1:{ports.public}/",
-                "hostname": "127.0.0.1",
-                "port": ports.public,
-            },
-            "database": f"sqlite:{workdir / 'relay.db'}",
-            "media": {"cache_dir": str(workdir / "relay-cache")},
-            # No rooms in this benchmark: sign uploaded media directly.
-            "signing": {
-                "require_seen": False,
-                "keys": [{"id": "k1", "secret": secrets.token_urlsafe(32)}],
-            },
-            "bridges": [{"name": "bench", "token": BRIDGE_TOKEN, "ttl": 3600}],
-            "logging": {"level": "WARNING"},
-        },
-    )
-
-
-def spawn_relay(config: Path, log_file: IO[bytes]) -> subprocess.Popen[bytes]:
-    # A separate process on purpose: the client must not share the relay's event loop.
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "-c", str(config)],
-        cwd=config.parent,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-    )
-
-
-@contextlib.asynccontextmanager
-async def relay_process(config: Path, internal_port: int) -> AsyncIterator[None]:
-    """``python -m relay run -c config`` until its health check answers; SIGTERM afterwards."""
-    log_path = config.with_name("relay.log")
-    with log_path.open("wb") as log_file:
-        process = spawn_relay(config, log_file)
-        try:
-            await wait_healthy(process, internal_port, log_path)
-            yield
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.to_thread(process.wait, 15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    await asyncio.to_thread(process.wait)
-
-
-async def wait_healthy(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    url = f"http://127.0.0.1:{port}/_relay/health"
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-3000:]
-                raise RuntimeError(f"relay exited with {process.returncode}:\n{tail}")
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise RuntimeError("relay did not become healthy")
 
 
 # ---------------------------------------------------------------- measuring
@@ -376,13 +262,13 @@ async def run(args: argparse.Namespace) -> int:
     images = samples()
     with tempfile.TemporaryDirectory(prefix="relay-thumb-bench-") as tmp:
         workdir = Path(tmp)
-        ports = Ports(*free_ports(3))
-        as_token, hs_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        internal, public, synapse_port = free_ports(3)
+        setup = RelaySetup(workdir, APPSERVICE_ID, BOT_LOCALPART, internal, public)
         synapse = LocalSynapse(
             workdir=workdir / "synapse",
-            registration_files=[write_registration(workdir, ports, as_token, hs_token)],
+            registration_files=[write_registration(setup)],
             server_name=SERVER_NAME,
-            port=ports.synapse,
+            port=synapse_port,
             # Render the exact size asked for (the relay's behaviour), not the nearest.
             extra_config={"dynamic_thumbnails": True},
         )
@@ -392,13 +278,24 @@ async def run(args: argparse.Namespace) -> int:
         print(f"Synapse ready after {time.monotonic() - started:.1f} s", flush=True)
         try:
             _, token = await synapse.register_user("bench-" + secrets.token_hex(3))
-            config = write_relay_config(workdir, synapse, ports, as_token, hs_token)
+            config = write_yaml(
+                workdir / "relay.yaml",
+                relay_config(
+                    setup,
+                    synapse,
+                    database=f"sqlite:{workdir / 'relay.db'}",
+                    cache_dir=workdir / "relay-cache",
+                    # No rooms in this benchmark: sign uploaded media directly.
+                    signing={"require_seen": False},
+                    bridges=[{"name": "bench", "token": BRIDGE_TOKEN, "ttl": 3600}],
+                ),
+            )
             timeout = aiohttp.ClientTimeout(total=120)
             async with (
-                relay_process(config, ports.internal),
+                relay_process(config, setup.internal_port),
                 aiohttp.ClientSession(timeout=timeout) as session,
             ):
-                bench = Bench(session, synapse, token, f"http://127.0.0.1:{ports.internal}", thumb)
+                bench = Bench(session, synapse, token, setup.internal_url, thumb)
                 results = await measure(bench, images, args.rounds)
         finally:
             await synapse.stop()
