@@ -300,6 +300,9 @@ class Relay:
             await self._purge(item)
 
     async def _purge(self, media: MediaId) -> None:
+        """Forget the media here (also when another process revoked it), then its files."""
+        if self.media_server is not None:
+            self.media_server.forget(media)
         if self.media_source is not None:
             await self.media_source.purge(media.server_name, media.media_id)
 

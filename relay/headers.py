@@ -4,10 +4,15 @@ Nothing here trusts upstream headers: the content type is re-parsed and reduced 
 ``type/subtype[; charset=…]``, inline display is granted only to the Matrix spec's
 allowlist, and every filename is cleaned before it reaches ``Content-Disposition``.
 Every function returns data; the serving code only copies it into the response.
+
+The functions the serving path calls on every request are memoised with a bounded
+``functools.lru_cache``: they are pure functions of their arguments (no configuration
+or other state goes in), so the memo can never answer differently from a fresh call.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -84,6 +89,10 @@ _CHARSET = re.compile(r"[A-Za-z0-9!#$%&'+\-^_`{}~]{1,40}")
 _FILENAME_TOKEN = re.compile(r"[!#$&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 5987 section 3.2.1 attr-char, less the alphanumerics and "_.-~" that quote() keeps.
 _ATTR_CHAR_SAFE = "!#$&+^`|"
+# Memo sizes: the distinct content types and filenames being served at once are few.
+# Longer filenames are cleaned afresh each time, so the memo's memory stays small.
+_MEMO_ENTRIES = 1024
+_MAX_MEMO_FILENAME = 512
 # Bidirectional controls let "cod.exe\u202egnp" display as "codgnp.exe"; line and
 # paragraph separators break header parsers that treat them as newlines.
 _UNSAFE_FORMAT_CHARS = frozenset(
@@ -100,6 +109,11 @@ def normalise_content_type(raw: str | None) -> str:
     """
     if not isinstance(raw, str) or len(raw) > MAX_CONTENT_TYPE_LENGTH or not raw.isascii():
         return OCTET_STREAM
+    return _normalise_content_type(raw)
+
+
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+def _normalise_content_type(raw: str) -> str:
     value = raw.strip(" \t")
     essence = value.partition(";")[0]
     type_, slash, subtype = essence.strip(" \t").partition("/")
@@ -172,6 +186,14 @@ def content_disposition(content_type: str, filename: str | None) -> str:
     ``filename*=utf-8''…`` (RFC 6266 section 4.3, RFC 5987 encoding), which every current
     browser reads and which cannot carry quotes, semicolons or line breaks.
     """
+    if len(content_type) > MAX_CONTENT_TYPE_LENGTH or (
+        isinstance(filename, str) and len(filename) > _MAX_MEMO_FILENAME
+    ):
+        return _content_disposition(content_type, filename)
+    return _memoised_content_disposition(content_type, filename)
+
+
+def _content_disposition(content_type: str, filename: str | None) -> str:
     disposition = "inline" if is_inline_safe(content_type) else "attachment"
     name = safe_filename(filename)
     if name is None:
@@ -179,6 +201,9 @@ def content_disposition(content_type: str, filename: str | None) -> str:
     if _FILENAME_TOKEN.fullmatch(name):
         return f"{disposition}; filename={name}"
     return f"{disposition}; filename*=utf-8''{quote(name, safe=_ATTR_CHAR_SAFE)}"
+
+
+_memoised_content_disposition = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_content_disposition)
 
 
 def security_headers() -> dict[str, str]:
@@ -197,6 +222,14 @@ def cache_control(seconds_left: float) -> str:
 
 def etag(sha256_hex: str) -> str:
     """A strong entity tag (RFC 9110 section 8.8.3) from the content's SHA-256."""
-    if not isinstance(sha256_hex, str) or not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256_hex):
+    if not isinstance(sha256_hex, str):
+        raise ValueError("etag needs a 64-character hex SHA-256 digest")
+    return _etag(sha256_hex)
+
+
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
+def _etag(sha256_hex: str) -> str:
+    # Raising is not memoised, so only valid (66-character) answers are kept.
+    if not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256_hex):
         raise ValueError("etag needs a 64-character hex SHA-256 digest")
     return f'"{sha256_hex.lower()}"'

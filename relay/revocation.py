@@ -1,10 +1,11 @@
 """Is this media revoked? A short-lived memory in front of the database's answer.
 
 A redaction revokes media for good (``revoked_media`` rows are never deleted), so a
-"revoked" answer is kept until the memory is full, while a "not revoked" answer is
-trusted for only ``ttl`` seconds. With ``ttl`` at most 0.5 s, a redaction committed
-by any relay process sharing the database stops every other process serving the
-media within a second, without one database query per request for hot media.
+"revoked" answer is kept until pushed out of the bounded memory, while a "not
+revoked" answer is trusted for only ``ttl`` seconds. With ``ttl`` at most 0.5 s, a
+redaction committed by any relay process sharing the database stops every other
+process serving the media within a second, without one database query per request
+for hot media.
 The process that ingested the redaction calls :meth:`RevocationCheck.mark_revoked`
 and stops at once.
 """
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from relay.mxc import MediaId
+from relay.ttl_cache import TTLCache
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +51,28 @@ class RevocationCheck:
         clock: Callable[[], float] = time.monotonic,
         on_discovered: Callable[[MediaId], Awaitable[None]] | None = None,
     ) -> None:
-        if ttl < 0 or max_entries < 1:
-            raise ValueError("ttl must be >= 0 and max_entries >= 1")
         self._store = store
         self.ttl = ttl
         self.max_entries = max_entries
-        self._clock = clock
         self._on_discovered = on_discovered
-        # media → time until which "not revoked" may be believed; LRU order.
-        self._not_revoked: OrderedDict[MediaId, float] = OrderedDict()
-        self._revoked: OrderedDict[MediaId, None] = OrderedDict()
+        # media → the store's answer: True for good (forgetting it is safe: the next
+        # lookup asks again), False for ``ttl`` seconds. Raises ValueError on bad limits.
+        self._answers: TTLCache[MediaId, bool] = TTLCache(ttl, max_entries, clock=clock)
         self._pending: dict[MediaId, asyncio.Task[bool]] = {}
 
     def mark_revoked(self, media: MediaId) -> None:
         """Record a revocation this process committed: effective immediately."""
-        self._not_revoked.pop(media, None)
-        self._remember_revoked(media)
+        self._answers.put(media, True, ttl=math.inf)
+
+    def remembered(self, media: MediaId) -> bool | None:
+        """The answer :meth:`is_revoked` would give without a query, or None (no I/O)."""
+        return self._answers.get(media)
 
     async def is_revoked(self, media: MediaId) -> bool:
         """Whether links to ``media`` must stop working (database errors propagate)."""
-        if media in self._revoked:
-            self._revoked.move_to_end(media)
-            return True
-        until = self._not_revoked.get(media)
-        if until is not None:
-            if self._clock() < until:
-                return False
-            del self._not_revoked[media]
+        known = self._answers.get(media)
+        if known is not None:
+            return known
         task = self._pending.get(media)
         if task is None:
             # A task of its own, so a caller that gives up (client gone) never cancels
@@ -87,15 +84,15 @@ class RevocationCheck:
 
     async def _query(self, media: MediaId) -> bool:
         revoked = await self._store.is_revoked(media)
+        if self._answers.get(media) is True:
+            # Marked revoked here while the query ran: that answer is the newer one.
+            return True
         if revoked:
-            if media not in self._revoked:
-                self._remember_revoked(media)
-                await self._discovered(media)
+            # Another process ingested the redaction: clean up here too.
+            self._answers.put(media, True, ttl=math.inf)
+            await self._discovered(media)
         else:
-            self._not_revoked[media] = self._clock() + self.ttl
-            self._not_revoked.move_to_end(media)
-            while len(self._not_revoked) > self.max_entries:
-                self._not_revoked.popitem(last=False)
+            self._answers.put(media, False)
         return revoked
 
     def _query_done(self, media: MediaId, task: asyncio.Task[bool]) -> None:
@@ -112,13 +109,6 @@ class RevocationCheck:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _remember_revoked(self, media: MediaId) -> None:
-        self._revoked[media] = None
-        self._revoked.move_to_end(media)
-        while len(self._revoked) > self.max_entries:
-            # Forgetting is safe: the next lookup asks the database again.
-            self._revoked.popitem(last=False)
 
     async def _discovered(self, media: MediaId) -> None:
         if self._on_discovered is None:

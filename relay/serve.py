@@ -3,31 +3,50 @@
 One request, in order (cheap and local checks first, so a forged link costs no I/O):
 
 1. verify the token and the filename that came with it (:mod:`relay.signing`):
-   tampered, unsigned or an unknown key → 403 ``M_FORBIDDEN``; expired → 410;
+   tampered, unsigned or an unknown key → 403 ``M_FORBIDDEN``; expired → 410. A token
+   that verified is remembered (by token and filename) so a repeat skips the MAC, and
+   its expiry is checked again on every request;
 2. revoked (the event was redacted) → 410 (:mod:`relay.revocation`);
-3. the media record (what the relay saw in the room): the decryption key of an
+3. a plain ``GET`` of an original (no Range, no If-None-Match) that was answered from
+   a cached file within the last half second, under the same signed filename, is
+   answered again from that ready response (headers, and the bytes of a small file or
+   the path of a large one; Cache-Control from this link's own expiry): steps 4-6 are
+   skipped;
+4. the media record (what the relay saw in the room): the decryption key of an
    encrypted attachment, and the filename/type the sender gave;
-4. the body from :class:`~relay.media_source.MediaSource` (cache or one shared download);
+5. the body from :class:`~relay.media_source.MediaSource` (cache or one shared download);
    upstream failures keep their meaning (404, or 502/503/504 with ``Retry-After``);
    a thumbnail link, or an original whose metadata must go, gets its rendition from
    :class:`~relay.renditions.Renditions` instead (rendered once, cached; not an image
    → 400, too many pixels → 422);
-5. the header policy of :mod:`relay.headers`, then If-None-Match → 304, Range → 206 or
-   416 (:mod:`relay.http_ranges`), then the body: a cached file with the kernel's
-   ``sendfile`` (:mod:`relay.sendfile`), a download in progress as it arrives.
+6. the header policy of :mod:`relay.headers`, then If-None-Match → 304, Range → 206 or
+   416 (:mod:`relay.http_ranges`), then the body: a cached file of up to 256 KiB read
+   whole and written with its headers in one go, a larger one with the kernel's
+   ``sendfile`` (:mod:`relay.sendfile`), a download in progress as it arrives. A cached
+   file that vanished before it was opened is looked up again (a retry, never a 500).
+
+The short memories (bounded :class:`~relay.ttl_cache.TTLCache` maps, one per server)
+never decide access: the token and revocation checks run on every request, and
+:meth:`MediaServer.forget` drops what is remembered of revoked or purged media. The
+verified-token memory relies on the key ring being fixed for the server's life (keys
+change only at a restart, which builds a new server). Remembered answers are not
+cache lookups: they count in ``relay_served_requests``, not ``relay_cache_hits``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Counter
 
 from relay.errors import Codes, Handler, MatrixError
 from relay.fetcher import FetchError
@@ -44,10 +63,11 @@ from relay.metrics import Metrics
 from relay.mxc import MediaId
 from relay.renditions import RenditionFailed, Renditions, thumbnail_filename, to_matrix_error
 from relay.revocation import RevocationCheck
-from relay.sendfile import close_quietly, open_cached, send_file
+from relay.sendfile import close_quietly, open_cached, read_cached, send_file
 from relay.signing import KeyRing, LinkClaims, Verdict, verify
 from relay.store import MediaRecord
 from relay.thumbnails import ThumbnailError
+from relay.ttl_cache import TTLCache
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +78,23 @@ LINK_SHAPE = r"[0-9]+\.[A-Za-z0-9_.\-]+"
 # A cached file can be evicted between lookup and open; look again this many times.
 MAX_OPEN_ATTEMPTS = 3
 DB_RETRY_AFTER = 5
+# Cached files up to this size are read whole and sent with their headers in one write:
+# for small bodies that beats sendfile, whose set-up costs more than the copy it saves.
+SMALL_BODY = 256 * 1024
+# Media records ("never seen" included) are trusted this long: they only supply the
+# decryption key and filename/type fallbacks, never a decision about access. The
+# memories are sized for what is requested repeatedly within their lifetimes.
+RECORD_TTL = 1.0
+RECORD_MEMO_ENTRIES = 1_000
+# Verified tokens: a MAC that verified once verifies again under the same keys. A key
+# (token, filename) is at most ~2 KiB (tokens <= 1024 characters, bridge filenames <= 255).
+TOKEN_MEMO_ENTRIES = 4_096
+# Ready responses of plain GETs (see step 3 of the module docstring). A small file's
+# bytes are kept with its answer, so this memory holds at most
+# READY_MEMO_ENTRIES * SMALL_BODY = 8 MiB of bodies: room for the media that are hot
+# right now, which is what it is for.
+READY_TTL = 0.5
+READY_MEMO_ENTRIES = 32
 
 T = TypeVar("T")
 
@@ -78,6 +115,20 @@ class ResponsePlan:
     length: int | None
     byte_range: ByteRange | None
     send_body: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyResponse:
+    """A plain GET's answer from a cached file, without Cache-Control (it is per link)."""
+
+    # The filename the link signed: part of the answer (Content-Disposition).
+    claimed_filename: str | None
+    path: Path
+    length: int
+    # Reused for every answer: aiohttp copies the headers it is given into each response.
+    plan: ResponsePlan
+    # The whole file when it is at most SMALL_BODY bytes (read once, not per request).
+    body: bytes | None
 
 
 def choose_content_type(body: MediaBody, record: MediaRecord | None) -> str:
@@ -176,7 +227,9 @@ class MediaServer:
         path_prefix: str,
         renditions: Renditions | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (wall time) judges link expiry; ``monotonic`` times the memories."""
         prefix = unquote(path_prefix).rstrip("/")
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"public.url path must not contain braces: {path_prefix!r}")
@@ -188,10 +241,29 @@ class MediaServer:
         self._metrics = metrics
         self.path_prefix = prefix
         self._clock = clock
-        # Bodies sent by the kernel (sendfile) and copied through Python: for tests
-        # and debugging; the copy path is only taken on transports without sendfile.
+        self._tokens: TTLCache[tuple[str, str | None], LinkClaims] = TTLCache(
+            math.inf, TOKEN_MEMO_ENTRIES, clock=monotonic
+        )
+        # One-element tuples, so that a remembered "never seen" (None) is not a miss.
+        self._record_memo: TTLCache[MediaId, tuple[MediaRecord | None]] = TTLCache(
+            RECORD_TTL, RECORD_MEMO_ENTRIES, clock=monotonic
+        )
+        self._ready: TTLCache[MediaId, ReadyResponse] = TTLCache(
+            READY_TTL, READY_MEMO_ENTRIES, clock=monotonic
+        )
+        # status → its child of the served counter (labels() costs a lookup per call).
+        self._served: dict[int, Counter] = {}
+        # Cached-file bodies by how they left: sent by the kernel (sendfile), read whole
+        # and written with the headers (small files), or copied through Python in chunks
+        # (only on transports without sendfile). For tests and debugging.
         self.files_sent_zero_copy = 0
+        self.files_sent_buffered = 0
         self.files_sent_copied = 0
+
+    def forget(self, media: MediaId) -> None:
+        """Drop what is remembered of ``media`` (called when it is revoked or purged)."""
+        self._ready.discard(media)
+        self._record_memo.discard(media)
 
     def routes(self) -> list[web.RouteDef]:
         """Links under ``public.url``'s path, and the same without it (proxies differ)."""
@@ -219,7 +291,11 @@ class MediaServer:
                 # An error may be temporary (or the link revoked): never cache it.
                 response.headers["Cache-Control"] = "no-store"
         if request.path != HEALTH_PATH:
-            self._metrics.served.labels(str(response.status)).inc()
+            status = response.status
+            counter = self._served.get(status)
+            if counter is None:
+                counter = self._served[status] = self._metrics.served.labels(str(status))
+            counter.inc()
         return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -227,43 +303,120 @@ class MediaServer:
         now = self._clock()
         claims = self._verified(request, now)
         media = claims.media
-        # Before anything is fetched or rendered: a redacted event's media and its
-        # thumbnails are never produced nor served again.
-        if await _database(self._revocations.is_revoked(media)):
+        # Before anything is fetched, rendered or remembered: a redacted event's media
+        # and its thumbnails are never produced nor served again.
+        revoked = self._revocations.remembered(media)
+        if revoked is None:
+            revoked = await _database(self._revocations.is_revoked(media))
+        if revoked:
             raise MatrixError(410, Codes.NOT_FOUND, "The media was redacted")
-        record = await _database(self._records.media_record(media))
         method = request.method
-        wants_range = method == "GET" and "Range" in request.headers
+        request_headers = request.headers
+        plain = (
+            method == "GET"
+            and claims.variant is None
+            and "Range" not in request_headers
+            and "If-None-Match" not in request_headers
+        )
+        if plain:
+            ready = await self._answer_ready(request, claims, now)
+            if ready is not None:
+                return ready
+        record = await self._record(media)
+        wants_range = method == "GET" and "Range" in request_headers
         for _ in range(MAX_OPEN_ATTEMPTS):
             body, content_type, filename = await self._rendition(
                 claims, record, need_file=wants_range
             )
             plan = plan_response(
-                method, request.headers, body, content_type, filename, claims.expires_at - now
+                method, request_headers, body, content_type, filename, claims.expires_at - now
             )
-            if not plan.send_body or body.path is None:
-                return await self._send(request, media, plan, body, None)
-            fobj = await open_cached(body.path, body.length or 0)
-            if fobj is not None:
-                try:
-                    return await self._send(request, media, plan, body, fobj)
-                finally:
-                    close_quietly(fobj)
+            path, length = body.path, body.length
+            if not plan.send_body or path is None or length is None or plan.length is None:
+                return await self._send(request, media, plan, stream=body)
+            remember = plain and plan.status == 200 and body.sha256 is not None
+            if plan.length <= SMALL_BODY:
+                start = plan.byte_range.start if plan.byte_range is not None else 0
+                data = read_cached(path, length, start, plan.length)
+                if data is not None:
+                    if remember:
+                        self._remember_ready(claims, plan, path, length, data)
+                    return self._whole(plan, data)
+            else:
+                response = await self._send_file_at(request, media, plan, path, length)
+                if response is not None:
+                    if remember:
+                        self._remember_ready(claims, plan, path, length, None)
+                    return response
             log.debug("cached file of %s vanished before sending; looking again", media)
         raise MatrixError(
             503, Codes.UNKNOWN, "The media is being replaced; try again", {"Retry-After": "1"}
         )
 
     def _verified(self, request: web.Request, now: float) -> LinkClaims:
-        result = verify(
-            self._ring, request.match_info["token"], request.match_info.get("filename"), now
+        match_info = request.match_info
+        token = match_info["token"]
+        filename = match_info.get("filename")
+        # A hit needs the exact token string, and only tokens that verified are kept
+        # (forged ones cost their MAC every time), so the memo grants nothing verify
+        # would refuse while the key ring stays the same (module docstring).
+        claims = self._tokens.get((token, filename))
+        if claims is None:
+            result = verify(self._ring, token, filename, now)
+            if result.verdict is Verdict.VALID and result.claims is not None:
+                self._tokens.put((token, filename), result.claims)
+                return result.claims
+            if result.verdict is Verdict.EXPIRED:
+                raise _expired()
+            # MALFORMED and FORGED (unknown key, wrong MAC or filename) look the same outside.
+            raise MatrixError(403, Codes.FORBIDDEN, "Invalid or unsigned link")
+        # verify's rule, checked on every use: expired from expires_at on (NaN: expired).
+        if not now < claims.expires_at:
+            raise _expired()
+        return claims
+
+    async def _record(self, media: MediaId) -> MediaRecord | None:
+        """The media record, remembered for RECORD_TTL seconds ("never seen" too)."""
+        remembered = self._record_memo.get(media)
+        if remembered is not None:
+            return remembered[0]
+        record = await _database(self._records.media_record(media))
+        self._record_memo.put(media, (record,))
+        return record
+
+    async def _answer_ready(
+        self, request: web.Request, claims: LinkClaims, now: float
+    ) -> web.StreamResponse | None:
+        """The remembered answer to a plain GET, or None (not remembered, or file gone)."""
+        media = claims.media
+        ready = self._ready.get(media)
+        if ready is None or ready.claimed_filename != claims.filename:
+            return None
+        freshness = cache_control(claims.expires_at - now)
+        if ready.body is not None:
+            return self._whole(ready.plan, ready.body, freshness)
+        response = await self._send_file_at(
+            request, media, ready.plan, ready.path, ready.length, freshness
         )
-        if result.verdict is Verdict.VALID and result.claims is not None:
-            return result.claims
-        if result.verdict is Verdict.EXPIRED:
-            raise MatrixError(410, Codes.NOT_FOUND, "This link has expired")
-        # MALFORMED and FORGED (unknown key, wrong MAC or filename) look the same outside.
-        raise MatrixError(403, Codes.FORBIDDEN, "Invalid or unsigned link")
+        if response is None:
+            # Evicted or purged since: forget it and take the full path.
+            self._ready.discard(media)
+        return response
+
+    def _remember_ready(
+        self,
+        claims: LinkClaims,
+        plan: ResponsePlan,
+        path: Path,
+        length: int,
+        body: bytes | None,
+    ) -> None:
+        headers = plan.headers.copy()
+        headers.popall("Cache-Control", None)
+        ready_plan = ResponsePlan(plan.status, headers, plan.length, None, send_body=True)
+        self._ready.put(
+            claims.media, ReadyResponse(claims.filename, path, length, ready_plan, body)
+        )
 
     async def _rendition(
         self, claims: LinkClaims, record: MediaRecord | None, *, need_file: bool
@@ -311,15 +464,49 @@ class MediaServer:
             body = FileBody(await self._media.open_file(media, encryption))
         return body
 
+    def _whole(
+        self, plan: ResponsePlan, data: bytes, cache_control: str | None = None
+    ) -> web.Response:
+        """A small body in one Response: aiohttp writes the headers and body together."""
+        self.files_sent_buffered += 1
+        self._metrics.served_bytes.inc(len(data))
+        response = web.Response(status=plan.status, headers=plan.headers, body=data)
+        if cache_control is not None:
+            response.headers["Cache-Control"] = cache_control
+        return response
+
+    async def _send_file_at(
+        self,
+        request: web.Request,
+        media: MediaId,
+        plan: ResponsePlan,
+        path: Path,
+        length: int,
+        cache_control: str | None = None,
+    ) -> web.StreamResponse | None:
+        """Send ``plan``'s part of a cached file by sendfile; None if it vanished (nothing sent)."""
+        fobj = open_cached(path, length)
+        if fobj is None:
+            return None
+        try:
+            return await self._send(request, media, plan, fobj=fobj, cache_control=cache_control)
+        finally:
+            close_quietly(fobj)
+
     async def _send(
         self,
         request: web.Request,
         media: MediaId,
         plan: ResponsePlan,
-        body: MediaBody,
-        fobj: BinaryIO | None,
+        *,
+        stream: MediaBody | None = None,
+        fobj: BinaryIO | None = None,
+        cache_control: str | None = None,
     ) -> web.StreamResponse:
+        """Send headers, then the body from ``fobj`` (sendfile) or ``stream`` (chunks)."""
         response = web.StreamResponse(status=plan.status, headers=plan.headers)
+        if cache_control is not None:
+            response.headers["Cache-Control"] = cache_control
         if plan.length is not None:
             response.content_length = plan.length
         if not plan.send_body:
@@ -329,8 +516,8 @@ class MediaServer:
         try:
             if fobj is not None:
                 await self._send_file(request, response, plan, fobj)
-            else:
-                await self._stream(request, response, body)
+            elif stream is not None:
+                await self._stream(request, response, stream)
         except ConnectionError as e:
             log.debug("client left while %s was being sent: %s", media, e)
             _close_connection(request)
@@ -365,6 +552,10 @@ class MediaServer:
             await response.write(chunk)
             self._metrics.served_bytes.inc(len(chunk))
         await response.write_eof()
+
+
+def _expired() -> MatrixError:
+    return MatrixError(410, Codes.NOT_FOUND, "This link has expired")
 
 
 def _close_connection(request: web.Request) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -19,6 +20,7 @@ from relay.headers import security_headers
 from relay.local_synapse import LocalSynapse, free_ports
 from relay.media_source import MediaSource
 from relay.mxc import MediaId, parse_mxc
+from relay.serve import SMALL_BODY
 from tests.harness.fixtures import RelayPorts, RelayRegistration
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import (
@@ -137,9 +139,37 @@ async def test_image_round_trip_with_headers(
     server = relay.media_server
     assert server is not None
 
+    async def sent_whole() -> bool:
+        # A small cached file goes out with its headers in one write (a large one by the
+        # kernel: test_large_file_is_sent_by_the_kernel), never copied chunk by chunk.
+        return server.files_sent_buffered >= 1
+
+    await eventually(sent_whole)
+    assert server.files_sent_copied == 0
+
+
+async def test_large_file_is_sent_by_the_kernel(
+    relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
+) -> None:
+    """A cached file over SMALL_BODY goes out with sendfile, whole and as a range."""
+    data = os.urandom(SMALL_BODY + 4096)
+    _, mxc, _ = await post_media(relay, alice, data, "application/pdf", "big.pdf", msgtype="m.file")
+    url = (await sign(http_session, relay, mxc))["url"]
+    assert (await fetch(http_session, url))[2] == data  # downloads and caches it
+    server = relay.media_server
+    assert server is not None
+    sent_before = server.files_sent_zero_copy
+    for _ in range(2):  # the full path, then the remembered answer
+        status, headers, body = await fetch(http_session, url)
+        assert (status, body) == (200, data)
+        assert headers["Content-Length"] == str(len(data))
+    status, headers, body = await fetch(http_session, url, Range="bytes=10-")
+    assert (status, body) == (206, data[10:])
+    assert headers["Content-Range"] == f"bytes 10-{len(data) - 1}/{len(data)}"
+
     async def sent_by_kernel() -> bool:
         # Counted once the server's sendfile call has returned (after the client has the bytes).
-        return server.files_sent_zero_copy >= 1
+        return server.files_sent_zero_copy >= sent_before + 3
 
     await eventually(sent_by_kernel)
     assert server.files_sent_copied == 0

@@ -313,3 +313,20 @@ def test_etag_refuses_non_digests(bad: str) -> None:
     """Anything but a 64-character hex digest is a programming error (ValueError)."""
     with pytest.raises(ValueError, match="SHA-256"):
         etag(bad)
+
+
+@pytest.mark.parametrize("bad", [None, 12, ["ab" * 32]])
+def test_etag_refuses_non_strings(bad: object) -> None:
+    """A non-string (even an unhashable one, which the memo could not key) is a ValueError."""
+    with pytest.raises(ValueError, match="SHA-256"):
+        etag(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("length", [500, 513, 5000])
+def test_long_filenames_are_cleaned_like_short_ones(length: int) -> None:
+    """Filenames beyond the memo's size limit get the same policy (255 max, extension kept)."""
+    filename = "a" * length + ".pdf"
+    expected = f"attachment; filename={'a' * 251}.pdf"
+    for _ in range(2):  # a second call may come from the memo: same answer
+        assert content_disposition("application/pdf", filename) == expected
+

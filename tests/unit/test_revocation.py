@@ -87,6 +87,32 @@ async def test_mark_revoked_is_immediate(store: FakeStore, clock: Clock) -> None
     assert store.queries == 2
 
 
+async def test_local_mark_wins_over_a_query_in_flight(store: FakeStore, clock: Clock) -> None:
+    """A "not revoked" answer arriving after mark_revoked neither unmarks it nor is returned."""
+    store.gate = asyncio.Event()
+    check = RevocationCheck(store, ttl=60, clock=clock)
+    waiter = asyncio.create_task(check.is_revoked(CAT))
+    await asyncio.sleep(0)
+    check.mark_revoked(CAT)  # the redaction commits while the query is under way
+    store.gate.set()
+    assert await waiter is True
+    assert await check.is_revoked(CAT) is True
+    assert store.queries == 1
+
+
+async def test_remembered_answers_without_a_query(store: FakeStore, clock: Clock) -> None:
+    """remembered() gives the cached answer, or None once it must be asked again."""
+    store.revoked.add(DOG)
+    check = RevocationCheck(store, ttl=0.5, clock=clock)
+    assert check.remembered(CAT) is None
+    assert not await check.is_revoked(CAT)
+    assert await check.is_revoked(DOG)
+    assert (check.remembered(CAT), check.remembered(DOG)) == (False, True)
+    clock.now += 0.5
+    assert (check.remembered(CAT), check.remembered(DOG)) == (None, True)
+    assert store.queries == 2
+
+
 async def test_concurrent_lookups_share_one_query(store: FakeStore, clock: Clock) -> None:
     """Many requests for one item at once cause one store query, and all get its answer."""
     store.revoked.add(CAT)
@@ -158,7 +184,7 @@ async def test_failing_discovery_hook_still_refuses(store: FakeStore, clock: Clo
 
 
 async def test_memory_is_bounded(store: FakeStore, clock: Clock) -> None:
-    """At most max_entries answers of each kind are kept; forgotten ones are asked again."""
+    """At most max_entries answers are kept; forgotten ones are asked again."""
     check = RevocationCheck(store, ttl=60, max_entries=2, clock=clock)
     items = [MediaId("example.org", f"m{i}") for i in range(3)]
     for item in items:
