@@ -197,6 +197,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         example = resources.files("relay").joinpath("config.example.yaml")
         with resources.as_file(example) as src:
             shutil.copyfile(src, args.config)
+        # It will hold the appservice tokens and signing keys once they are generated.
+        args.config.chmod(0o600)
         print(
             f"created {args.config} from the example. Edit at least homeserver.address, "
             "homeserver.domain, public.url and appservice.address, then start again.",

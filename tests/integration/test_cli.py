@@ -76,6 +76,7 @@ def test_create_missing_config(tmp_path: Path) -> None:
     result = media_relay("run", "-c", "config.yaml", "--create-missing", cwd=tmp_path)
     assert result.returncode == EXIT_NEEDS_SETUP
     assert (tmp_path / "config.yaml").read_text() == EXAMPLE.read_text()
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o600  # secrets go in here
     assert "homeserver.address" in result.stderr and "public.url" in result.stderr
 
 
