@@ -71,3 +71,25 @@ async def test_bot_identity_is_the_sender_localpart(start_relay: StartRelay) -> 
     relay = await start_relay()
     assert isinstance(relay.homeserver, HomeserverClient)
     assert await relay.homeserver.whoami() == relay.config.bot_user_id
+
+
+async def test_metrics_only_on_internal_listener(
+    start_relay: StartRelay, http_session: aiohttp.ClientSession
+) -> None:
+    """GET /metrics is Prometheus text on the internal listener and absent from the public one."""
+    relay = await start_relay()
+    headers = {"Authorization": f"Bearer {relay.config.appservice.hs_token}"}
+    async with http_session.put(
+        relay.internal_url + "/_matrix/app/v1/transactions/metrics-test",
+        json={"events": []},
+        headers=headers,
+    ) as resp:
+        assert resp.status == 200
+    async with http_session.get(relay.internal_url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    assert 'relay_transactions_total{outcome="processed"} 1.0' in text
+    async with http_session.get(relay.public_url + "/metrics") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["errcode"] == "M_UNRECOGNIZED"
