@@ -93,3 +93,19 @@ async def test_metrics_only_on_internal_listener(
     async with http_session.get(relay.public_url + "/metrics") as resp:
         assert resp.status == 404
         assert (await resp.json())["errcode"] == "M_UNRECOGNIZED"
+
+
+async def test_ready_reports_database_loss(
+    start_relay: StartRelay, http_session: aiohttp.ClientSession
+) -> None:
+    """GET /_relay/ready turns 503 naming the database when it stops answering."""
+    relay = await start_relay()
+    async with http_session.get(relay.internal_url + "/_relay/ready") as resp:
+        assert resp.status == 200
+    assert relay.store is not None
+    await relay.store.db.stop()
+    async with http_session.get(relay.internal_url + "/_relay/ready") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert body["status"] == "unavailable"
+    assert [p.split(":")[0] for p in body["problems"]] == ["database"]
