@@ -204,6 +204,21 @@ def extract_media(event: Mapping[str, Any]) -> Extraction:
     return extract_from_content(event["content"], event["type"])
 
 
+def replaced_event_id(event: Mapping[str, Any]) -> str | None:
+    """The event an edit replaces (``m.relates_to`` with ``rel_type: m.replace``), or None.
+
+    Clients delete an edited message by redacting the *original* event, so media
+    that only an edit brought in must be revoked with it (Client-Server API,
+    "Event replacements" and "Redactions").
+    """
+    content = event.get("content")
+    relates_to = content.get("m.relates_to") if isinstance(content, Mapping) else None
+    if not isinstance(relates_to, Mapping) or relates_to.get("rel_type") != "m.replace":
+        return None
+    target = relates_to.get("event_id")
+    return target if isinstance(target, str) and _EVENT_ID.fullmatch(target) else None
+
+
 def redacted_event_id(event: Mapping[str, Any]) -> str | None:
     """The event id an ``m.room.redaction`` redacts, or None.
 

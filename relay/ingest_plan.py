@@ -12,7 +12,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.events import MalformedEvent, MediaReference, extract_media, redacted_event_id
+from relay.events import (
+    MalformedEvent,
+    MediaReference,
+    extract_media,
+    redacted_event_id,
+    replaced_event_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class RecordedReference:
     sender: str
     origin_ts: int
     ref: MediaReference
+    replaces: str | None = None  # for edits: the original event, whose redaction revokes too
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +123,10 @@ def plan_transaction(
         if target is not None:
             plan.redactions.append(Redaction(room_id, event["event_id"], target, ts))
         plan.invalid_references += extraction.invalid
+        replaces = replaced_event_id(event)
         for ref in extraction.references:
             plan.references.append(
-                RecordedReference(room_id, event["event_id"], event["sender"], ts, ref)
+                RecordedReference(room_id, event["event_id"], event["sender"], ts, ref, replaces)
             )
     return plan
 

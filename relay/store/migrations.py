@@ -70,3 +70,9 @@ async def upgrade_v1(conn: Connection, scheme: Scheme) -> None:
         )"""
     )
 
+
+@upgrade_table.register(description="Edits: remember which event an edit replaces")  # type: ignore[call-arg, arg-type, untyped-decorator]
+async def upgrade_v2(conn: Connection, scheme: Scheme) -> None:
+    # Redacting an edited message's original must revoke media only its edits brought in.
+    await conn.execute("ALTER TABLE media_reference ADD COLUMN replaces TEXT")
+    await conn.execute("CREATE INDEX media_reference_replaces_idx ON media_reference (replaces)")

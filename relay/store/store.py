@@ -146,14 +146,16 @@ class Store:
                 r.ref.filename,
                 r.ref.encryption.to_json() if r.ref.encryption else None,
                 r.origin_ts,
+                r.replaces,
             )
             for r in plan.references
         ]
         if rows:
             await conn.executemany(
                 "INSERT INTO media_reference (event_id, path, server_name, media_id, room_id,"
-                " sender, role, mimetype, size, width, height, filename, encryption, origin_ts)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                " sender, role, mimetype, size, width, height, filename, encryption, origin_ts,"
+                " replaces)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
                 " ON CONFLICT (event_id, path) DO NOTHING",
                 rows,
             )
@@ -163,30 +165,38 @@ class Store:
     ) -> list[MediaId]:
         """Revoke media of redacted events, whichever of event and redaction came first.
 
-        Only primary-key lookups: the small ``redaction`` table for this batch's events,
-        and ``media_reference`` by event id for this batch's redactions. (A join over
-        the whole reference table degrades as it grows.)
+        An edit's media goes with its original: clients delete an edited message by
+        redacting the original event. Only indexed lookups: the small ``redaction``
+        table for this batch's events, and ``media_reference`` by event id and by
+        ``replaces`` for this batch's redactions (a join over the whole reference
+        table degrades as it grows).
         """
         targets: dict[MediaId, str] = {}
-        event_ids = sorted({r.event_id for r in plan.references})
-        if event_ids:
+        candidates = sorted(
+            {r.event_id for r in plan.references}
+            | {r.replaces for r in plan.references if r.replaces is not None}
+        )
+        if candidates:
             # Only generated "$n" placeholders are interpolated; the ids are parameters.
             query = (
                 "SELECT redacted_event_id FROM redaction"  # noqa: S608
-                f" WHERE redacted_event_id IN ({_placeholders(len(event_ids))})"
+                f" WHERE redacted_event_id IN ({_placeholders(len(candidates))})"
             )
-            redacted = {row["redacted_event_id"] for row in await conn.fetch(query, *event_ids)}
+            redacted = {row["redacted_event_id"] for row in await conn.fetch(query, *candidates)}
             for r in plan.references:
                 if r.event_id in redacted:
                     targets.setdefault(r.ref.media, r.event_id)
+                elif r.replaces is not None and r.replaces in redacted:
+                    targets.setdefault(r.ref.media, r.replaces)
         for redaction in plan.redactions:
-            rows = await conn.fetch(
-                "SELECT server_name, media_id FROM media_reference WHERE event_id = $1",
-                redaction.redacted_event_id,
-            )
-            for row in rows:
-                media = MediaId(row["server_name"], row["media_id"])
-                targets.setdefault(media, redaction.redacted_event_id)
+            for column in ("event_id", "replaces"):
+                rows = await conn.fetch(
+                    f"SELECT server_name, media_id FROM media_reference WHERE {column} = $1",  # noqa: S608 - fixed column names
+                    redaction.redacted_event_id,
+                )
+                for row in rows:
+                    media = MediaId(row["server_name"], row["media_id"])
+                    targets.setdefault(media, redaction.redacted_event_id)
         revoked: list[MediaId] = []
         for media, event_id in targets.items():
             inserted = await conn.fetchval(

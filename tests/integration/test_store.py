@@ -216,3 +216,84 @@ async def test_unusable_database_is_reported(tmp_path: Any) -> None:
     with pytest.raises(DatabaseUnusable) as e:
         await open_database("postgresql://postgres:secretpw@127.0.0.1:9/none")
     assert "secretpw" not in str(e.value)
+
+
+def edit(room_id: str, event_id: str, original: str, media_id: str) -> dict[str, Any]:
+    """An m.replace edit whose new content brings in another image."""
+    new = {"msgtype": "m.image", "body": "new.jpg", "url": f"mxc://example.org/{media_id}"}
+    return {
+        "type": "m.room.message",
+        "room_id": room_id,
+        "event_id": event_id,
+        "sender": "@alice:example.org",
+        "origin_server_ts": 15,
+        "content": {
+            "msgtype": "m.image",
+            "body": "* new.jpg",
+            "url": f"mxc://example.org/{media_id}",
+            "m.new_content": new,
+            "m.relates_to": {"rel_type": "m.replace", "event_id": original},
+        },
+    }
+
+
+@pytest.mark.parametrize("redaction_first", [False, True])
+async def test_redacting_the_original_revokes_media_of_its_edits(
+    store: Store, redaction_first: bool
+) -> None:
+    """Deleting an edited message (redacting the original) revokes what the edit brought in."""
+    room = "!edit:example.org"
+    await commit(store, [invite(room), image(room, "$orig", "before")])
+    batches = [[edit(room, "$edit", "$orig", "after")], [redaction(room, "$orig")]]
+    if redaction_first:
+        batches.reverse()
+    for events in batches:
+        await commit(store, events)
+    assert await store.is_revoked(MediaId("example.org", "before"))
+    assert await store.is_revoked(MediaId("example.org", "after"))
+
+
+async def test_unrelated_redaction_leaves_edits_alone(store: Store) -> None:
+    """Redacting some other event does not revoke an edit's media."""
+    room = "!edit2:example.org"
+    await commit(
+        store, [invite(room), image(room, "$o2", "keep1"), edit(room, "$e2", "$o2", "keep2")]
+    )
+    await commit(store, [redaction(room, "$unrelated")])
+    assert not await store.is_revoked(MediaId("example.org", "keep1"))
+    assert not await store.is_revoked(MediaId("example.org", "keep2"))
+
+
+async def test_v1_database_upgrades_in_place(database_url: str) -> None:
+    """A database created at schema v1 is migrated to the current schema, keeping its rows."""
+    from mautrix.util.async_db import Database, UpgradeTable
+
+    from relay.store.migrations import upgrade_table
+
+    v1_only = UpgradeTable(version_table_name="relay_schema_version", database_name="relay")
+    v1_only.upgrades.append(upgrade_table.upgrades[0])
+    url = database_url.replace("postgresql://", "postgres://", 1)
+    old = Database.create(url, upgrade_table=v1_only)
+    await old.start()
+    await old.execute(
+        "INSERT INTO media_reference (event_id, path, server_name, media_id, room_id, sender,"
+        " role, origin_ts) VALUES ('$old', 'url', 'example.org', 'oldmedia', '!r', '@a:b',"
+        " 'content', 1)"
+    )
+    await old.execute(
+        "INSERT INTO served_room (room_id, state, updated_at) VALUES ('!r', 'joined', 1)"
+    )
+    await old.stop()
+
+    db = await open_database(database_url)
+    try:
+        assert await db.fetchval("SELECT version FROM relay_schema_version") == len(
+            upgrade_table.upgrades
+        )
+        assert await Store(db).media_record(MediaId("example.org", "oldmedia")) is not None
+        assert (
+            await db.fetchval("SELECT replaces FROM media_reference WHERE event_id = '$old'")
+            is None
+        )
+    finally:
+        await db.stop()

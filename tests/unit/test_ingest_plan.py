@@ -124,3 +124,22 @@ def test_redaction_planned_with_target() -> None:
     }
     plan = plan_transaction([redaction], {"!r"}, policy)
     assert [(r.redaction_id, r.redacted_event_id) for r in plan.redactions] == [("$red", "$img")]
+
+
+@pytest.mark.parametrize(
+    ("relates_to", "expected"),
+    [
+        ({"rel_type": "m.replace", "event_id": "$orig"}, "$orig"),
+        ({"rel_type": "m.thread", "event_id": "$orig"}, None),
+        ({"rel_type": "m.replace", "event_id": "not-an-event-id"}, None),
+        ({"rel_type": "m.replace"}, None),
+        ("m.replace", None),
+    ],
+)
+def test_edits_remember_the_original(relates_to: object, expected: str | None) -> None:
+    """References of an m.replace edit carry the original event id (and nothing else does)."""
+    policy = RoomPolicy.build(BOT, ["example.org"], [])
+    event = image("!r", "$edit", "new1")
+    event["content"]["m.relates_to"] = relates_to
+    plan = plan_transaction([event], {"!r"}, policy)
+    assert [r.replaces for r in plan.references] == [expected]
