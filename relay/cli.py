@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -21,6 +20,7 @@ from relay.app import (
     EXIT_OK,
     Relay,
     StartupError,
+    stop_signals,
 )
 from relay.config import (
     Config,
@@ -220,19 +220,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def serve_until_signalled(config: Config) -> int:
     relay = Relay(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await relay.start()
-        log.info("relay %s running; SIGTERM or Ctrl-C stops it", __version__)
-        await stop.wait()
-        log.info("stopping")
-    finally:
-        await relay.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    with stop_signals() as stop:
+        try:
+            await relay.start()
+            log.info("relay %s running; SIGTERM or Ctrl-C stops it", __version__)
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            await relay.stop()
     return EXIT_OK
 
 

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import io
 import logging
-import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from urllib.parse import quote
 import aiohttp
 from ruamel.yaml import YAML
 
-from relay.app import EXIT_ERROR, EXIT_OK, Relay
+from relay.app import EXIT_ERROR, EXIT_OK, Relay, stop_signals
 from relay.config import Config, fill_generated_secrets, load, write_document
 from relay.local_synapse import LocalSynapse, free_ports
 from relay.mxc import parse_mxc
@@ -183,7 +182,8 @@ async def run_demo(workdir: Path, once: bool) -> int:
                 if once:
                     return await check_url(session, url, png)
             print("serving until Ctrl-C …", flush=True)
-            await wait_for_signal()
+            with stop_signals() as stop:
+                await stop.wait()
             return EXIT_OK
         finally:
             await relay.stop()
@@ -199,18 +199,6 @@ async def check_url(session: aiohttp.ClientSession, url: str, expected: bytes) -
             f"{'matches the upload' if ok else 'DOES NOT match the upload'}"
         )
     return EXIT_OK if ok else EXIT_ERROR
-
-
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -16,11 +16,8 @@ from typing import Protocol
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from relay.errors import Codes, MatrixError
+from relay.events import KEY_BYTES, check_key_material
 from relay.fetcher import FetchError
-
-KEY_LENGTH = 32
-IV_LENGTH = 16
-SHA256_LENGTH = 32
 
 
 class EncryptionLike(Protocol):
@@ -47,13 +44,7 @@ class CiphertextHashMismatch(FetchError):
 
 def validate_encryption(enc: EncryptionLike) -> None:
     """Raise ValueError unless key, iv and sha256 have the lengths EncryptedFile v2 requires."""
-    for name, value, length in (
-        ("key", enc.key, KEY_LENGTH),
-        ("iv", enc.iv, IV_LENGTH),
-        ("sha256", enc.sha256, SHA256_LENGTH),
-    ):
-        if not isinstance(value, bytes) or len(value) != length:
-            raise ValueError(f"encrypted file {name} must be {length} bytes")
+    check_key_material(enc.key, enc.iv, enc.sha256)
 
 
 def plaintext_variant(enc: EncryptionLike, variant: str = "original") -> str:
@@ -116,7 +107,7 @@ class EncryptedAttachment:
 
 def encrypt_attachment(plaintext: bytes) -> tuple[bytes, EncryptedAttachment]:
     """Encrypt like a Matrix client does: random key, 64-bit random IV prefix, zero counter."""
-    key = os.urandom(KEY_LENGTH)
+    key = os.urandom(KEY_BYTES)
     iv = os.urandom(8) + b"\0" * 8
     enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     ciphertext = enc.update(plaintext) + enc.finalize()

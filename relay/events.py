@@ -44,9 +44,20 @@ _EVENT_ID = re.compile(r"\$[\x21-\x7e]{1,254}")
 _STD_B64 = re.compile(r"[A-Za-z0-9+/]*")
 _URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*")
 
-_KEY_BYTES = 32  # AES-256
-_IV_BYTES = 16  # 128-bit counter block
-_SHA256_BYTES = 32
+KEY_BYTES = 32  # AES-256
+IV_BYTES = 16  # 128-bit counter block
+SHA256_BYTES = 32
+
+
+def check_key_material(key: object, iv: object, sha256: object) -> None:
+    """Raise ValueError unless these have the lengths EncryptedFile v2 requires."""
+    for name, value, length in (
+        ("key", key, KEY_BYTES),
+        ("iv", iv, IV_BYTES),
+        ("sha256", sha256, SHA256_BYTES),
+    ):
+        if not isinstance(value, bytes) or len(value) != length:
+            raise ValueError(f"encrypted file {name} must be {length} bytes")
 
 
 class Role(StrEnum):
@@ -73,13 +84,7 @@ class EncryptionInfo:
     sha256: bytes
 
     def __post_init__(self) -> None:
-        for name, value, length in (
-            ("key", self.key, _KEY_BYTES),
-            ("iv", self.iv, _IV_BYTES),
-            ("sha256", self.sha256, _SHA256_BYTES),
-        ):
-            if not isinstance(value, bytes) or len(value) != length:
-                raise ValueError(f"EncryptionInfo.{name} must be {length} bytes")
+        check_key_material(self.key, self.iv, self.sha256)
 
     def __repr__(self) -> str:
         return f"EncryptionInfo(key=<redacted>, iv=<redacted>, sha256={_b64(self.sha256)!r})"
