@@ -11,12 +11,13 @@ import pytest
 
 from relay.app import Relay
 from relay.encrypted_media import encrypt_attachment
+from tests.harness import make_png
 from tests.harness.encryption import encrypted_file_json
+from tests.harness.links import fetch, post_media, wait_recorded
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay
 from tests.harness.rooms import served_room
 from tests.harness.waiting import eventually
-from tests.integration.test_serve import fetch, png_bytes, post_media, wait_recorded
 
 pytestmark = pytest.mark.synapse
 
@@ -66,7 +67,7 @@ async def test_bridge_token_is_required(
     code: str,
 ) -> None:
     """Missing token → 401 M_MISSING_TOKEN, wrong → 403 M_FORBIDDEN, and nothing is signed."""
-    _, mxc, _ = await post_media(relay, alice, png_bytes(), "image/png", "cat.png")
+    _, mxc, _ = await post_media(relay, alice, make_png(24, 24), "image/png", "cat.png")
     for path, body in ((SIGN, {"mxc": mxc}), (REWRITE, {"content": image_content(mxc)})):
         got_status, answer = await call(http_session, relay, path, body, token=token)
         assert (got_status, answer["errcode"]) == (status, code)
@@ -133,7 +134,7 @@ async def test_sign_filename_that_cannot_be_a_path_segment(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """A filename of '.' or '..' (which a browser would resolve away) is 400 M_INVALID_PARAM."""
-    _, mxc, _ = await post_media(relay, alice, png_bytes(), "image/png", "cat.png")
+    _, mxc, _ = await post_media(relay, alice, make_png(24, 24), "image/png", "cat.png")
     for name in (".", ".."):
         status, answer = await call(http_session, relay, SIGN, {"mxc": mxc, "filename": name})
         assert (status, answer["errcode"]) == (400, "M_INVALID_PARAM")
@@ -152,7 +153,7 @@ async def test_ttl_default_and_bridge_cap(
     granted: int,
 ) -> None:
     """No ttl → signing.ttl; a larger ask is clamped to the bridge's ttl; expires_at says so."""
-    _, mxc, _ = await post_media(relay, alice, png_bytes(), "image/png", "cat.png")
+    _, mxc, _ = await post_media(relay, alice, make_png(24, 24), "image/png", "cat.png")
     body: dict[str, Any] = {"mxc": mxc}
     if asked is not None:
         body["ttl"] = asked
@@ -172,7 +173,7 @@ async def test_sign_with_filename_and_thumbnail(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """The filename ends the URL and a thumbnail is bound into the token's variant field."""
-    _, mxc, _ = await post_media(relay, alice, png_bytes(), "image/png", "cat.png")
+    _, mxc, _ = await post_media(relay, alice, make_png(24, 24), "image/png", "cat.png")
     status, answer = await call(
         http_session,
         relay,
@@ -194,7 +195,9 @@ async def test_redacted_media_is_not_signed(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """Once its event is redacted, media is refused with 410 and left out of rewrites."""
-    room_id, mxc, event_id = await post_media(relay, alice, png_bytes(), "image/png", "cat.png")
+    room_id, mxc, event_id = await post_media(
+        relay, alice, make_png(24, 24), "image/png", "cat.png"
+    )
     await alice.redact(room_id, event_id)
 
     async def refused() -> bool:
@@ -224,8 +227,8 @@ async def test_rewrite_every_reference_and_serve_decrypted(
 ) -> None:
     """Rewrite adds <key>_https beside url, thumbnail_url and file; the file link is plaintext."""
     room_id = await served_room(relay, alice)
-    image = png_bytes(48)
-    thumb = png_bytes(8)
+    image = make_png(48, 48)
+    thumb = make_png(8, 8)
     image_mxc = await alice.upload(image, "image/png", "photo.png")
     thumb_mxc = await alice.upload(thumb, "image/png", "thumb.png")
     plaintext = b"secret report contents " * 50

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -35,92 +34,16 @@ from relay.media_source import MediaBody, MediaSource
 from relay.metrics import Metrics
 from relay.mxc import InvalidMxc, MediaId
 from relay.variant import Thumbnail
+from tests.harness.stub_homeserver import (
+    AS_TOKEN,
+    SERVER,
+    FakeClock,
+    StubServer,
+    error_response,
+    serve_bytes,
+)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SERVER = "example.org"
-AS_TOKEN = "as-token-stub"
 MAX_SIZE = 1 << 20
-
-
-@dataclass
-class Seen:
-    """One request the stub received."""
-
-    port: int
-    raw_path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-
-
-@dataclass
-class StubServer:
-    """A tiny homeserver: /versions, media config, and per-media-id download handlers."""
-
-    versions: dict[str, Any] = field(default_factory=lambda: {"versions": ["v1.11"]})
-    media: dict[str, Handler] = field(default_factory=dict)
-    seen: list[Seen] = field(default_factory=list)
-    # media id → handler answering on the legacy paths (default: same as ``media``)
-    legacy_media: dict[str, Handler] | None = None
-    config_status: int = 200
-    port: int = 0
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("GET", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def media_requests(self) -> list[Seen]:
-        return [s for s in self.seen if "/download/" in s.raw_path or "/thumbnail/" in s.raw_path]
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(
-            Seen(self.port, request.raw_path, dict(request.query), dict(request.headers))
-        )
-        path = request.path
-        if path == "/_matrix/client/versions":
-            return web.json_response(self.versions)
-        if path.endswith("/media/config") or path == "/_matrix/media/v3/config":
-            if self.config_status != 200:
-                return _error(self.config_status, "M_UNKNOWN_TOKEN")
-            return web.json_response({"m.upload.size": 1234})
-        legacy = path.startswith("/_matrix/media/v3/")
-        table = self.legacy_media if legacy and self.legacy_media is not None else self.media
-        handler = table.get(path.rsplit("/", 1)[-1])
-        if handler is None:
-            return _error(404, "M_NOT_FOUND")
-        return await handler(request)
-
-
-def _error(status: int, errcode: str, **extra: Any) -> web.Response:
-    return web.json_response({"errcode": errcode, "error": "stub", **extra}, status=status)
-
-
-def _bytes(data: bytes, content_type: str = "image/png", **headers: str) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=data, content_type=content_type, headers=headers)
-
-    return handler
-
-
-@dataclass
-class FakeClock:
-    now: float = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -329,7 +252,7 @@ async def test_authenticated_fetch_sends_token_and_only_timeout(
     """v1.11 server: /client/v1/media path, Bearer as_token, timeout_ms the only query."""
     data = b"\x89PNG stub image bytes"
     disposition = {"Content-Disposition": "inline; filename=a.png"}
-    stub.media["abc"] = _bytes(data, "image/png", **disposition)
+    stub.media["abc"] = serve_bytes(data, "image/png", **disposition)
     parts = await make_parts(timeouts=Timeouts(connect=5, read=7, total=30))
     body = await parts.source.open(MediaId(SERVER, "abc"))
     assert (body.content_type, body.length, body.filename) == ("image/png", len(data), "a.png")
@@ -347,7 +270,7 @@ async def test_authenticated_fetch_sends_token_and_only_timeout(
 async def test_cached_after_first_fetch(make_parts: MakeParts, stub: StubServer) -> None:
     """The second request is a cache hit with the same bytes and no upstream request."""
     data = b"cache me" * 1000
-    stub.media["abc"] = _bytes(data)
+    stub.media["abc"] = serve_bytes(data)
     parts = await make_parts()
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == data
     second = await parts.source.open(MediaId(SERVER, "abc"))
@@ -363,7 +286,7 @@ async def test_thumbnail_query_is_built_by_the_relay(
     make_parts: MakeParts, stub: StubServer
 ) -> None:
     """Thumbnail requests carry only width, height, method, animated and timeout_ms."""
-    stub.media["abc"] = _bytes(b"thumb", "image/jpeg")
+    stub.media["abc"] = serve_bytes(b"thumb", "image/jpeg")
     parts = await make_parts()
     thumb = Thumbnail(96, 96, "crop")
     entry = await parts.source.open_file(MediaId(SERVER, "abc"), thumbnail=thumb)
@@ -386,7 +309,7 @@ async def test_server_without_v1_11_uses_legacy_paths(
 ) -> None:
     """A server listing only old versions is fetched on /media/v3, still with the token."""
     stub.versions = {"versions": ["r0.6.1", "v1.1", "v1.10"]}
-    stub.media["abc"] = _bytes(b"legacy bytes")
+    stub.media["abc"] = serve_bytes(b"legacy bytes")
     parts = await make_parts()
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"legacy bytes"
     assert parts.capabilities.authenticated_media is False
@@ -401,10 +324,10 @@ async def test_unrecognized_authenticated_path_falls_back(
     """404 M_UNRECOGNIZED on /client/v1/media → legacy path, and legacy until next refresh."""
 
     async def unrecognized(request: web.Request) -> web.StreamResponse:
-        return _error(404, "M_UNRECOGNIZED")
+        return error_response(404, "M_UNRECOGNIZED")
 
     stub.media["abc"] = unrecognized
-    stub.legacy_media = {"abc": _bytes(b"from legacy")}
+    stub.legacy_media = {"abc": serve_bytes(b"from legacy")}
     parts = await make_parts()
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"from legacy"
     assert parts.capabilities.authenticated_media is False
@@ -420,7 +343,7 @@ async def test_redirect_to_other_origin_gets_no_token(
     make_parts: MakeParts, stub: StubServer, other_origin: StubServer
 ) -> None:
     """A 307 to another origin is followed without the Authorization header."""
-    other_origin.media["blob"] = _bytes(b"from the CDN")
+    other_origin.media["blob"] = serve_bytes(b"from the CDN")
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPTemporaryRedirect(f"{other_origin.url}/cdn/blob")
@@ -443,7 +366,7 @@ async def test_redirect_within_origin_keeps_token(make_parts: MakeParts, stub: S
         raise web.HTTPPermanentRedirect("/_matrix/client/v1/media/download/example.org/moved")
 
     stub.media["abc"] = redirect
-    stub.media["moved"] = _bytes(b"moved")
+    stub.media["moved"] = serve_bytes(b"moved")
     parts = await make_parts()
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"moved"
     assert [r.headers.get("Authorization") for r in stub.media_requests()] == [
@@ -511,7 +434,7 @@ async def test_dropped_connection_leaves_no_partial_entry(
     assert _cache_files(tmp_path) == []
     assert len(parts.cache) == 0
     # The next request downloads again instead of serving a partial entry.
-    stub.media["abc"] = _bytes(b"whole")
+    stub.media["abc"] = serve_bytes(b"whole")
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"whole"
 
 
@@ -519,7 +442,7 @@ async def test_rate_limited_backs_off(make_parts: MakeParts, stub: StubServer) -
     """429 retry_after_ms → UpstreamRateLimited; no upstream request until it has passed."""
 
     async def limited(request: web.Request) -> web.StreamResponse:
-        return _error(429, "M_LIMIT_EXCEEDED", retry_after_ms=2500)
+        return error_response(429, "M_LIMIT_EXCEEDED", retry_after_ms=2500)
 
     stub.media["abc"] = limited
     parts = await make_parts()
@@ -536,7 +459,7 @@ async def test_rate_limited_backs_off(make_parts: MakeParts, stub: StubServer) -
     assert len(stub.media_requests()) == 1
     # After the window the homeserver is asked again.
     parts.clock.now += 2
-    stub.media["abc"] = _bytes(b"ok now")
+    stub.media["abc"] = serve_bytes(b"ok now")
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"ok now"
     assert _requests(parts.metrics) == {"rate_limited": 1, "ok": 1}
 
@@ -578,10 +501,10 @@ async def test_unauthorized_breaks_identity_until_success(
     """401 → UpstreamUnauthorized and identity_ok False; the next success restores it."""
 
     async def refused(request: web.Request) -> web.StreamResponse:
-        return _error(401, "M_UNKNOWN_TOKEN")
+        return error_response(401, "M_UNKNOWN_TOKEN")
 
     stub.media["abc"] = refused
-    stub.media["fine"] = _bytes(b"fine")
+    stub.media["fine"] = serve_bytes(b"fine")
     parts = await make_parts()
     with pytest.raises(UpstreamUnauthorized) as info:
         await parts.source.open(MediaId(SERVER, "abc"))
@@ -615,7 +538,7 @@ async def test_upstream_failures_keep_their_meaning(
     """Homeserver failures become UpstreamError 502/504 with Retry-After, nothing cached."""
 
     async def failing(request: web.Request) -> web.StreamResponse:
-        return _error(status, errcode)
+        return error_response(status, errcode)
 
     stub.media["abc"] = failing
     parts = await make_parts()
@@ -677,7 +600,7 @@ async def test_content_length_over_max_size(
     make_parts: MakeParts, stub: StubServer, tmp_path: Path
 ) -> None:
     """A declared Content-Length over max_size is refused before the body is read."""
-    stub.media["abc"] = _bytes(b"x" * 2000)
+    stub.media["abc"] = serve_bytes(b"x" * 2000)
     parts = await make_parts(max_size=1000)
     with pytest.raises(UpstreamTooLarge):
         await parts.source.open(MediaId(SERVER, "abc"))
@@ -762,7 +685,7 @@ async def test_single_flight_failure_reaches_every_waiter(
     async def slow_fail(request: web.Request) -> web.StreamResponse:
         arrived.set()
         await gate.wait()
-        return _error(502, "M_UNKNOWN")
+        return error_response(502, "M_UNKNOWN")
 
     stub.media["abc"] = slow_fail
     parts = await make_parts()
@@ -781,7 +704,7 @@ async def test_single_flight_failure_reaches_every_waiter(
 
 async def test_purge_removes_and_detaches(make_parts: MakeParts, stub: StubServer) -> None:
     """Purge removes cached renditions; the next request downloads again."""
-    stub.media["abc"] = _bytes(b"before")
+    stub.media["abc"] = serve_bytes(b"before")
     parts = await make_parts()
     media = MediaId(SERVER, "abc")
     await parts.source.open_file(media)
@@ -789,7 +712,7 @@ async def test_purge_removes_and_detaches(make_parts: MakeParts, stub: StubServe
     assert len(parts.cache) == 2
     await parts.source.purge(SERVER, "abc")
     assert len(parts.cache) == 0
-    stub.media["abc"] = _bytes(b"after")
+    stub.media["abc"] = serve_bytes(b"after")
     assert (await parts.source.open_file(media)).path.read_bytes() == b"after"
 
 
@@ -826,7 +749,7 @@ async def test_purge_during_download_caches_nothing(
 
 async def test_cache_survives_new_instances(make_parts: MakeParts, stub: StubServer) -> None:
     """New MediaCache/MediaSource over the same directory serve from the cache."""
-    stub.media["abc"] = _bytes(b"persist me")
+    stub.media["abc"] = serve_bytes(b"persist me")
     first = await make_parts()
     await _read(await first.source.open(MediaId(SERVER, "abc")))
     second = await make_parts()
@@ -846,7 +769,7 @@ async def test_encrypted_round_trip_and_tamper(
     """Ciphertext is decrypted after its hash checks; a wrong hash is refused, not cached."""
     plaintext = b"secret picture " * 5000
     ciphertext, enc = encrypt_attachment(plaintext)
-    stub.media["enc"] = _bytes(ciphertext, "application/octet-stream")
+    stub.media["enc"] = serve_bytes(ciphertext, "application/octet-stream")
     parts = await make_parts()
     media = MediaId(SERVER, "enc")
     tampered = EncryptedAttachment(enc.key, enc.iv, bytes(32))

@@ -14,6 +14,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from relay.sendfile import close_quietly, open_cached, read_cached, send_file
+from tests.harness.loopback import start_loopback
 from tests.harness.waiting import eventually
 
 SIZE = 300 * 1024
@@ -73,11 +74,7 @@ class HangUp:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/", self.handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await start_loopback(app)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -151,12 +148,8 @@ async def test_whole_file_goes_by_the_kernel(cached: tuple[Path, bytes]) -> None
 
     app = web.Application()
     app.router.add_get("/", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    runner, port = await start_loopback(app)
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")

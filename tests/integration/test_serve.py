@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import pytest
-from multidict import CIMultiDictProxy
-from PIL import Image
 
 from relay.app import Relay
 from relay.config import load
@@ -21,10 +17,11 @@ from relay.local_synapse import LocalSynapse, free_ports
 from relay.media_source import MediaSource
 from relay.mxc import MediaId, parse_mxc
 from relay.serve import SMALL_BODY
+from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
+from tests.harness.links import errcode, fetch, post_media, sign, wait_recorded
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import (
-    BRIDGE_TOKEN,
     SIGNING_SECRET,
     MakeConfig,
     StartRelay,
@@ -38,70 +35,6 @@ pytestmark = pytest.mark.synapse
 
 CSP = security_headers()["Content-Security-Policy"]
 OTHER_SECRET = "other-signing-secret-" + "o" * 32
-
-
-def png_bytes(size: int = 24) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (size, size), (200, 30, 60)).save(out, format="PNG")
-    return out.getvalue()
-
-
-async def post_media(
-    relay: Relay,
-    user: MatrixUser,
-    data: bytes,
-    content_type: str,
-    filename: str,
-    *,
-    room_id: str | None = None,
-    msgtype: str = "m.image",
-) -> tuple[str, str, str]:
-    """Upload, send it in a served room, wait until the relay recorded it: (room, mxc, event)."""
-    room_id = room_id or await served_room(relay, user)
-    mxc = await user.upload(data, content_type, filename)
-    content = image_content(mxc, body=filename, mimetype=content_type, size=len(data))
-    content["msgtype"] = msgtype
-    event_id = await user.send_message(room_id, content)
-    await wait_recorded(relay, mxc)
-    return room_id, mxc, event_id
-
-
-async def wait_recorded(relay: Relay, mxc: str) -> None:
-    store = relay.store
-    assert store is not None
-    media = parse_mxc(mxc)
-
-    async def recorded() -> bool:
-        return await store.media_record(media) is not None
-
-    await eventually(recorded)
-
-
-async def sign(
-    session: aiohttp.ClientSession, relay: Relay, mxc: str, **fields: Any
-) -> dict[str, Any]:
-    """A link from the bridge API (must succeed)."""
-    async with session.post(
-        relay.internal_url + "/_relay/v1/sign",
-        json={"mxc": mxc, **fields},
-        headers={"Authorization": f"Bearer {BRIDGE_TOKEN}"},
-    ) as resp:
-        body = await resp.json()
-        assert resp.status == 200, body
-    return body
-
-
-async def fetch(
-    session: aiohttp.ClientSession, url: str, method: str = "GET", **headers: str
-) -> tuple[int, CIMultiDictProxy[str], bytes]:
-    async with session.request(method, url, headers=headers) as resp:
-        return resp.status, resp.headers, await resp.read()
-
-
-def errcode(body: bytes) -> str:
-    import json
-
-    return str(json.loads(body)["errcode"])
 
 
 def without_prefix(url: str) -> str:
@@ -119,7 +52,7 @@ async def test_image_round_trip_with_headers(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """An image posted in a room and signed by a bridge is served byte-exact, policy headers set."""
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     link = await sign(http_session, relay, mxc)
     for attempt in ("first (download)", "second (cache)"):
@@ -179,7 +112,7 @@ async def test_link_works_without_the_prefix(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """The same link answers with and without public.url's path prefix."""
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     link = await sign(http_session, relay, mxc, filename="cat.png")
     assert urlsplit(link["url"]).path.startswith("/media/")
@@ -191,7 +124,7 @@ async def test_head_has_headers_and_no_body(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """HEAD answers the GET's status and headers, including the length, without a body."""
-    data = png_bytes(40)
+    data = make_png(40, 40)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     link = await sign(http_session, relay, mxc)
     await fetch(http_session, link["url"])  # cache it, so the ETag is known
@@ -207,7 +140,7 @@ async def test_ranges_and_416(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """One byte range → 206 with Content-Range (even before caching); past the end → 416."""
-    data = png_bytes(64)
+    data = make_png(64, 64)
     size = len(data)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     url = (await sign(http_session, relay, mxc))["url"]
@@ -232,7 +165,7 @@ async def test_if_none_match_is_304(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """If-None-Match with the content-hash ETag (strong or weak) → 304 without a body."""
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     url = (await sign(http_session, relay, mxc))["url"]
     await fetch(http_session, url)
@@ -250,7 +183,7 @@ async def test_tampered_and_unsigned_links_are_403(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """A changed MAC, media id, expiry or filename, or no token at all → 403 M_FORBIDDEN."""
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     url = (await sign(http_session, relay, mxc, filename="cat.png"))["url"]
     base, token, filename = url.rsplit("/", 2)
@@ -282,7 +215,7 @@ async def test_one_second_link_expires(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """A link with ttl 1 works, then answers 410 once its second is over."""
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     link = await sign(http_session, relay, mxc, ttl=1)
     status, _, body = await fetch(http_session, link["url"])
@@ -302,7 +235,7 @@ async def test_redaction_is_410_and_purges_the_cache(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """Redacting the event makes every live link answer 410 and removes the cached file."""
-    data = png_bytes()
+    data = make_png(24, 24)
     room_id, mxc, event_id = await post_media(relay, alice, data, "image/png", "cat.png")
     urls = [
         (await sign(http_session, relay, mxc))["url"],
@@ -341,7 +274,7 @@ async def test_key_rotation(
     old_key = {"id": "k1", "secret": SIGNING_SECRET}
     new_key = {"id": "k2", "secret": OTHER_SECRET}
     relay = await start_relay(make_config(signing={"keys": [old_key]}))
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     old_url = (await sign(http_session, relay, mxc))["url"]
     await relay.stop()
@@ -520,7 +453,7 @@ async def test_revocation_reaches_another_process_sharing_postgres(
     config_data = relay_config_dict(synapse, relay_registration, ports, other_dir, postgres_url)
     second = await start_relay(load(write_config(other_dir / "config.yaml", config_data), {}))
 
-    data = png_bytes()
+    data = make_png(24, 24)
     room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
     url = (await sign(http_session, first, mxc))["url"]
     second_url = url.replace(f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{ports.public}")

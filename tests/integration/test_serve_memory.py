@@ -34,7 +34,8 @@ from relay.serve import READY_TTL, RECORD_TTL, SMALL_BODY, MediaServer
 from relay.signing import KeyRing, LinkClaims, SigningKey, sign
 from relay.store import MediaRecord
 from relay.variant import Thumbnail
-from tests.integration.test_fetcher_stub import AS_TOKEN, SERVER, FakeClock, StubServer, _bytes
+from tests.harness.loopback import start_loopback
+from tests.harness.stub_homeserver import AS_TOKEN, SERVER, FakeClock, StubServer, serve_bytes
 
 WALL_START = 1_000_000.0
 LINK_TTL = 3600
@@ -106,9 +107,9 @@ class World:
 @pytest_asyncio.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     stub = StubServer()
-    stub.media["small"] = _bytes(SMALL, "application/octet-stream")
-    stub.media["large"] = _bytes(LARGE, "application/octet-stream")
-    stub.media["pic"] = _bytes(SMALL, "image/gif")
+    stub.media["small"] = serve_bytes(SMALL, "application/octet-stream")
+    stub.media["large"] = serve_bytes(LARGE, "application/octet-stream")
+    stub.media["pic"] = serve_bytes(SMALL, "image/gif")
     await stub.start()
     metrics = Metrics()
     wall, mono = FakeClock(WALL_START), FakeClock(0.0)
@@ -142,11 +143,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         )
         app = web.Application(middlewares=[server.middleware, error_middleware])
         app.add_routes(server.routes())
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        base_url = f"http://127.0.0.1:{runner.addresses[0][1]}/m"
+        runner, port = await start_loopback(app)
+        base_url = f"http://127.0.0.1:{port}/m"
         yield World(
             server,
             base_url,
@@ -272,12 +270,8 @@ async def test_a_new_key_ring_does_not_inherit_remembered_tokens(world: World) -
     )
     app = web.Application(middlewares=[restarted.middleware, error_middleware])
     app.add_routes(restarted.routes())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
+    runner, port = await start_loopback(app)
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
         status, _, body = await world.get(url.replace(world.base_url, f"http://127.0.0.1:{port}/m"))
         assert status == 403
         assert errcode(body) == "M_FORBIDDEN"

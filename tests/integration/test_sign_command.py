@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -11,29 +9,12 @@ import aiohttp
 import pytest
 
 from relay.app import EXIT_DATABASE, EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from tests.harness import make_png
+from tests.harness.links import fetch, post_media, run_sign
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import MakeConfig, StartRelay
-from tests.integration.test_serve import fetch, png_bytes, post_media
 
 pytestmark = pytest.mark.synapse
-
-
-async def run_sign(config_path: Path, *args: str) -> tuple[int, str, str]:
-    """Run the real command line in a subprocess (it owns its event loop)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "sign",
-        "-c",
-        str(config_path),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_sign_prints_a_working_url(
@@ -45,7 +26,7 @@ async def test_sign_prints_a_working_url(
 ) -> None:
     """For media seen in a served room, stdout is exactly one URL that serves the bytes."""
     relay = await start_relay(make_config())
-    data = png_bytes()
+    data = make_png(24, 24)
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     code, out, err = await run_sign(
         tmp_path / "config.yaml", mxc, "--ttl", "120", "--filename", "my cat.png"

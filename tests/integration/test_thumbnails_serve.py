@@ -19,13 +19,12 @@ from relay.media_source import MediaSource
 from relay.mxc import parse_mxc
 from relay.renditions import derived_key
 from tests.harness.encryption import encrypted_file_json
+from tests.harness.images import GPS_IFD, bomb_png, gps_jpeg, image_bytes
+from tests.harness.links import errcode, fetch, post_media, run_sign, sign, wait_recorded
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay
 from tests.harness.rooms import served_room
 from tests.harness.waiting import eventually
-from tests.integration.test_serve import errcode, fetch, post_media, sign, wait_recorded
-from tests.integration.test_sign_command import run_sign
-from tests.unit.test_renditions import GPS_IFD, bomb_png, gps_jpeg, image_bytes
 
 pytestmark = pytest.mark.synapse
 

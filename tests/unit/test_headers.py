@@ -329,4 +329,3 @@ def test_long_filenames_are_cleaned_like_short_ones(length: int) -> None:
     expected = f"attachment; filename={'a' * 251}.pdf"
     for _ in range(2):  # a second call may come from the memo: same answer
         assert content_disposition("application/pdf", filename) == expected
-

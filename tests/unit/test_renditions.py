@@ -10,8 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import struct
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
@@ -43,11 +41,11 @@ from relay.thumbnails import (
     UnreadableImage,
 )
 from relay.variant import Thumbnail, variant_key
+from tests.harness.images import GPS_IFD, bomb_png, gps_jpeg, image_bytes
 from tests.harness.waiting import eventually
 
 MEDIA = MediaId("example.org", "abcDEF123")
 THUMB = Thumbnail(64, 48, "scale")
-GPS_IFD = 0x8825
 ENCRYPTION = EncryptionInfo(key=b"k" * 32, iv=b"i" * 16, sha256=b"h" * 32)
 
 
@@ -100,40 +98,6 @@ async def world(tmp_path: Path) -> World:
     cache = MediaCache(tmp_path / "cache", 1 << 26, metrics)
     await cache.start()
     return World(cache, metrics, NoFetcher())
-
-
-def image_bytes(fmt: str, size: tuple[int, int] = (120, 80), **options: object) -> bytes:
-    out = io.BytesIO()
-    im = Image.new("RGB", size)
-    im.putdata(
-        [(x * 2 % 256, y * 3 % 256, (x + y) % 256) for y in range(size[1]) for x in range(size[0])]
-    )
-    im.save(out, format=fmt, **options)
-    return out.getvalue()
-
-
-def gps_jpeg() -> bytes:
-    exif = Image.Exif()
-    exif[0x010F] = "PhoneMaker"  # Make
-    exif.get_ifd(GPS_IFD).update({1: "N", 2: (52.0, 22.0, 1.5), 3: "E", 4: (4.0, 53.0, 2.0)})
-    return image_bytes("JPEG", exif=exif.tobytes(), quality=90)
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A real PNG of ``width`` x ``height`` 1-bit pixels: tiny file, huge decoded image."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
 
 
 # -- pure helpers --------------------------------------------------------------------------
