@@ -22,7 +22,7 @@ from typing import IO, Any
 import aiohttp
 from ruamel.yaml import YAML
 
-from relay.local_synapse import LocalSynapse
+from relay.local_synapse import LocalSynapse, free_ports
 
 SERVER_NAME = "localhost"
 HEALTH_TIMEOUT = 30.0
@@ -47,6 +47,22 @@ class RelaySetup:
     @property
     def internal_url(self) -> str:
         return f"http://127.0.0.1:{self.internal_port}"
+
+
+def prepare(
+    workdir: Path, appservice_id: str, bot_localpart: str, **synapse_config: Any
+) -> tuple[RelaySetup, LocalSynapse]:
+    """Ports, the relay's identity and registration, and a (not yet started) Synapse."""
+    internal, public, synapse_port = free_ports(3)
+    setup = RelaySetup(workdir, appservice_id, bot_localpart, internal, public)
+    synapse = LocalSynapse(
+        workdir=workdir / "synapse",
+        registration_files=[write_registration(setup)],
+        server_name=SERVER_NAME,
+        port=synapse_port,
+        extra_config=synapse_config,
+    )
+    return setup, synapse
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:

@@ -45,14 +45,14 @@ import asyncpg
 from benchkit import (
     SERVER_NAME,
     RelaySetup,
+    prepare,
     relay_config,
     relay_process,
-    write_registration,
     write_yaml,
 )
 
 from relay.events import extract_media
-from relay.local_synapse import LocalSynapse, free_ports
+from relay.local_synapse import LocalSynapse
 
 APPSERVICE_ID = "media-relay-bench"
 BOT_LOCALPART = "mediarelaybench"
@@ -390,14 +390,7 @@ async def run(args: argparse.Namespace) -> int:
     total = args.transactions + WARMUP_TRANSACTIONS
     workload = build_workload(total, args.events)
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
-        internal_port, public_port, synapse_port = free_ports(3)
-        setup = RelaySetup(Path(tmp), APPSERVICE_ID, BOT_LOCALPART, internal_port, public_port)
-        synapse = LocalSynapse(
-            workdir=Path(tmp) / "synapse",
-            registration_files=[write_registration(setup)],
-            server_name=SERVER_NAME,
-            port=synapse_port,
-        )
+        setup, synapse = prepare(Path(tmp), APPSERVICE_ID, BOT_LOCALPART)
         started = time.monotonic()
         print(f"starting Synapse in {tmp} ...", flush=True)
         await synapse.start()

@@ -48,15 +48,14 @@ from pathlib import Path
 
 import aiohttp
 from benchkit import (
-    SERVER_NAME,
     RelaySetup,
+    prepare,
     relay_config,
     relay_process,
-    write_registration,
     write_yaml,
 )
 
-from relay.local_synapse import LocalSynapse, free_ports
+from relay.local_synapse import LocalSynapse
 
 APPSERVICE_ID = "media-relay-serve-bench"
 BOT_LOCALPART = "mediarelayservebench"
@@ -343,14 +342,7 @@ async def run(args: argparse.Namespace, wrk: str) -> int:
         workdir = Path(tmp)
         script = workdir / "report.lua"
         script.write_text(WRK_REPORT_LUA, encoding="utf-8")
-        internal, public, synapse_port = free_ports(3)
-        setup = RelaySetup(workdir, APPSERVICE_ID, BOT_LOCALPART, internal, public)
-        synapse = LocalSynapse(
-            workdir=workdir / "synapse",
-            registration_files=[write_registration(setup)],
-            server_name=SERVER_NAME,
-            port=synapse_port,
-        )
+        setup, synapse = prepare(workdir, APPSERVICE_ID, BOT_LOCALPART)
         started = time.monotonic()
         print(f"starting Synapse in {tmp} ...", flush=True)
         await synapse.start()

@@ -43,16 +43,14 @@ from pathlib import Path
 
 import aiohttp
 from benchkit import (
-    SERVER_NAME,
-    RelaySetup,
+    prepare,
     relay_config,
     relay_process,
-    write_registration,
     write_yaml,
 )
 from PIL import Image
 
-from relay.local_synapse import LocalSynapse, free_ports
+from relay.local_synapse import LocalSynapse
 from relay.thumbnails import target_size
 from relay.variant import Thumbnail
 
@@ -262,16 +260,8 @@ async def run(args: argparse.Namespace) -> int:
     images = samples()
     with tempfile.TemporaryDirectory(prefix="relay-thumb-bench-") as tmp:
         workdir = Path(tmp)
-        internal, public, synapse_port = free_ports(3)
-        setup = RelaySetup(workdir, APPSERVICE_ID, BOT_LOCALPART, internal, public)
-        synapse = LocalSynapse(
-            workdir=workdir / "synapse",
-            registration_files=[write_registration(setup)],
-            server_name=SERVER_NAME,
-            port=synapse_port,
-            # Render the exact size asked for (the relay's behaviour), not the nearest.
-            extra_config={"dynamic_thumbnails": True},
-        )
+        # Synapse renders the exact size asked for (the relay's behaviour), not the nearest.
+        setup, synapse = prepare(workdir, APPSERVICE_ID, BOT_LOCALPART, dynamic_thumbnails=True)
         started = time.monotonic()
         print("starting Synapse ...", flush=True)
         await synapse.start()

@@ -59,6 +59,18 @@ AUTHENTICATED_PREFIX = "/_matrix/client/v1/media"
 LEGACY_PREFIX = "/_matrix/media/v3"
 
 
+# The outcomes counted in ``relay_upstream_requests{outcome}``.
+OUTCOMES = (
+    "ok",
+    "not_found",
+    "too_large",
+    "rate_limited",
+    "unauthorized",
+    "upstream_error",
+    "timeout",
+)
+
+
 class FetchError(Exception):
     """Base of every failure to provide media; ``to_matrix_error()`` is what clients see."""
 

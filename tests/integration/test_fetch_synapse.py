@@ -21,6 +21,7 @@ from relay.cache import MediaCache
 from relay.capabilities import Capabilities
 from relay.encrypted_media import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
 from relay.fetcher import (
+    OUTCOMES,
     MediaFetcher,
     Timeouts,
     UpstreamNotFound,
@@ -37,16 +38,6 @@ from tests.harness.fixtures import RelayRegistration
 from tests.harness.matrix_client import MatrixUser
 
 pytestmark = pytest.mark.synapse
-
-OUTCOMES = (
-    "ok",
-    "not_found",
-    "too_large",
-    "rate_limited",
-    "unauthorized",
-    "upstream_error",
-    "timeout",
-)
 
 
 @dataclass

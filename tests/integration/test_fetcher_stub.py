@@ -21,6 +21,7 @@ from relay.cache import MediaCache
 from relay.capabilities import Capabilities
 from relay.encrypted_media import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
 from relay.fetcher import (
+    OUTCOMES,
     MediaFetcher,
     Timeouts,
     UpstreamError,
@@ -129,16 +130,7 @@ def _cache_files(tmp_path: Path) -> list[Path]:
 
 
 def _requests(metrics: Metrics) -> dict[str, float]:
-    outcomes = (
-        "ok",
-        "not_found",
-        "too_large",
-        "rate_limited",
-        "unauthorized",
-        "upstream_error",
-        "timeout",
-    )
-    counts = {o: metrics.value("relay_upstream_requests", {"outcome": o}) for o in outcomes}
+    counts = {o: metrics.value("relay_upstream_requests", {"outcome": o}) for o in OUTCOMES}
     return {o: c for o, c in counts.items() if c}
 
 
