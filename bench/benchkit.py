@@ -22,7 +22,7 @@ from typing import IO, Any
 import aiohttp
 from ruamel.yaml import YAML
 
-from relay.local_synapse import LocalSynapse, free_ports
+from relay.devtools.local_synapse import LocalSynapse, free_ports
 
 SERVER_NAME = "localhost"
 HEALTH_TIMEOUT = 30.0

@@ -51,8 +51,8 @@ from benchkit import (
     write_yaml,
 )
 
-from relay.events import extract_media
-from relay.local_synapse import LocalSynapse
+from relay.core.events import extract_media
+from relay.devtools.local_synapse import LocalSynapse
 
 APPSERVICE_ID = "media-relay-bench"
 BOT_LOCALPART = "mediarelaybench"

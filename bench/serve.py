@@ -55,7 +55,7 @@ from benchkit import (
     write_yaml,
 )
 
-from relay.local_synapse import LocalSynapse
+from relay.devtools.local_synapse import LocalSynapse
 
 APPSERVICE_ID = "media-relay-serve-bench"
 BOT_LOCALPART = "mediarelayservebench"

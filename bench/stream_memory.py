@@ -25,12 +25,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from relay.cache import MediaCache
-from relay.capabilities import Capabilities
-from relay.fetcher import MediaFetcher, Timeouts
-from relay.media_source import MediaSource
-from relay.metrics import Metrics
-from relay.mxc import MediaId
+from relay.core.mxc import MediaId
+from relay.media.cache import MediaCache
+from relay.media.downloads import MediaSource
+from relay.support.metrics import Metrics
+from relay.upstream.capabilities import Capabilities
+from relay.upstream.fetcher import MediaFetcher, Timeouts
 
 TARGET_RSS_BYTES = 100 * 1000 * 1000
 BLOCK = bytes(range(256)) * 4096  # 1 MiB, reused for every block the stub sends

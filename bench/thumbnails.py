@@ -50,9 +50,9 @@ from benchkit import (
 )
 from PIL import Image
 
-from relay.local_synapse import LocalSynapse
-from relay.thumbnails import target_size
-from relay.variant import Thumbnail
+from relay.core.variant import Thumbnail
+from relay.devtools.local_synapse import LocalSynapse
+from relay.media.thumbnails import target_size
 
 APPSERVICE_ID = "media-relay-thumbs"
 BOT_LOCALPART = "mediarelaythumbs"

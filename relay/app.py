@@ -12,45 +12,31 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from relay.bridge_api import BridgeAPI, LinkMinter, key_ring
-from relay.cache import MediaCache
-from relay.capabilities import Capabilities
-from relay.config import Config
-from relay.errors import error_middleware
-from relay.fetcher import MediaFetcher, Timeouts
-from relay.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
-from relay.ingest import AppserviceAPI, IngestHooks
-from relay.ingest_plan import RoomPolicy
-from relay.media_source import MediaSource
-from relay.metrics import Metrics
-from relay.mxc import MediaId
-from relay.renditions import Renditions
-from relay.revocation import RevocationCheck
-from relay.serve import MediaServer
+from relay.config.settings import Config
+from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_HOMESERVER, StartupError
+from relay.core.ingest_plan import RoomPolicy
+from relay.core.minting import LinkMinter
+from relay.core.mxc import MediaId
+from relay.core.signing import KeyRing, SigningKey
+from relay.media.cache import MediaCache
+from relay.media.downloads import MediaSource
+from relay.media.renditions import Renditions
+from relay.media.revocation import RevocationCheck
+from relay.media.thumbnails import ThumbnailLimits
 from relay.store import DatabaseUnusable, Store, open_database
-from relay.thumbnails import ThumbnailLimits
+from relay.support.metrics import Metrics
+from relay.upstream.capabilities import Capabilities
+from relay.upstream.fetcher import MediaFetcher, Timeouts
+from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
+from relay.web.appservice import AppserviceAPI, IngestHooks
+from relay.web.bridge_api import BridgeAPI
+from relay.web.middleware import error_middleware
+from relay.web.public import MediaServer
 
 log = logging.getLogger(__name__)
 
-# Exit codes (documented in the README).
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_HOMESERVER = 4
-EXIT_DATABASE = 5
-EXIT_NEEDS_SETUP = 6
-
 JOIN_ATTEMPTS = 5
 READY_TIMEOUT = 5.0
-
-
-class StartupError(Exception):
-    """Start-up failed for a reason the operator can fix; ``exit_code`` says which kind."""
-
-    def __init__(self, exit_code: int, message: str) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @contextlib.contextmanager
@@ -69,6 +55,11 @@ def stop_signals() -> Iterator[asyncio.Event]:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def key_ring(config: Config) -> KeyRing:
+    """The configured signing keys (the first signs, all verify)."""
+    return KeyRing([SigningKey(k.id, k.secret.encode()) for k in config.signing.keys])
 
 
 async def health(request: web.Request) -> web.Response:

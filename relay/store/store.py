@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Connection, Database
 
-from relay.events import EncryptionInfo
-from relay.ingest_plan import TransactionPlan
-from relay.mxc import MediaId
+from relay.core.events import EncryptionInfo
+from relay.core.ingest_plan import TransactionPlan
+from relay.core.mxc import MediaId
+from relay.core.records import MediaRecord
 
 JOINING = "joining"
 JOINED = "joined"
@@ -23,19 +24,6 @@ class CommitResult:
 
     revoked: tuple[MediaId, ...]
     rooms_to_join: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class MediaRecord:
-    """The newest reference to a media item in a room the relay serves."""
-
-    media: MediaId
-    room_id: str
-    event_id: str
-    mimetype: str | None
-    size: int | None
-    filename: str | None
-    encryption: EncryptionInfo | None
 
 
 def now_ms() -> int:

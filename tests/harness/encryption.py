@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from relay.encrypted_media import EncryptionLike
+from relay.media.attachments import EncryptionLike
 
 
 def b64(data: bytes, *, urlsafe: bool = False) -> str:

@@ -7,7 +7,7 @@ The relay's registration must exist before Synapse starts (Synapse reads
 ``harness_ports`` → ``relay_ports`` / ``relay_registration`` → ``synapse``.
 
 Session fixtures here are synchronous on purpose: the Synapse process belongs to no
-event loop (see :mod:`relay.local_synapse`) and its async start/stop run in a
+event loop (see :mod:`relay.devtools.local_synapse`) and its async start/stop run in a
 private loop on a helper thread, so nothing couples them to pytest-asyncio's
 per-test loops. Per-test helpers (:class:`MatrixUser`) are async and live in the
 test's own loop.
@@ -29,7 +29,7 @@ import pytest
 import pytest_asyncio
 from ruamel.yaml import YAML
 
-from relay.local_synapse import LocalSynapse, free_ports
+from relay.devtools.local_synapse import LocalSynapse, free_ports
 from tests.harness.matrix_client import MatrixUser
 
 T = TypeVar("T")

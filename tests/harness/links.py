@@ -12,7 +12,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from relay.app import Relay
-from relay.mxc import parse_mxc
+from relay.core.mxc import parse_mxc
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import BRIDGE_TOKEN
 from tests.harness.rooms import served_room

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.encrypted_media import encrypt_attachment
+from relay.media.attachments import encrypt_attachment
 from tests.harness import make_png
 from tests.harness.encryption import encrypted_file_json
 from tests.harness.links import fetch, post_media, wait_recorded

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 from ruamel.yaml import YAML
 
-from relay.app import EXIT_CONFIG, EXIT_DATABASE, EXIT_HOMESERVER, EXIT_NEEDS_SETUP
-from relay.local_synapse import LocalSynapse, free_ports
+from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_HOMESERVER, EXIT_NEEDS_SETUP
+from relay.devtools.local_synapse import LocalSynapse, free_ports
 from tests.harness.waiting import eventually
 
 EXAMPLE = Path(__file__).parents[2] / "relay" / "config.example.yaml"

@@ -17,10 +17,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from relay.cache import MediaCache
-from relay.capabilities import Capabilities
-from relay.encrypted_media import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
-from relay.fetcher import (
+from relay.core.mxc import MediaId, parse_mxc
+from relay.core.variant import Thumbnail
+from relay.devtools.local_synapse import LocalSynapse
+from relay.media.attachments import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
+from relay.media.cache import MediaCache
+from relay.media.downloads import MediaBody, MediaSource
+from relay.support.metrics import Metrics
+from relay.upstream.capabilities import Capabilities
+from relay.upstream.fetcher import (
     OUTCOMES,
     MediaFetcher,
     Timeouts,
@@ -28,11 +33,6 @@ from relay.fetcher import (
     UpstreamTooLarge,
     UpstreamUnauthorized,
 )
-from relay.local_synapse import LocalSynapse
-from relay.media_source import MediaBody, MediaSource
-from relay.metrics import Metrics
-from relay.mxc import MediaId, parse_mxc
-from relay.variant import Thumbnail
 from tests.harness import make_png
 from tests.harness.fixtures import RelayRegistration
 from tests.harness.matrix_client import MatrixUser

@@ -17,10 +17,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from relay.cache import MediaCache
-from relay.capabilities import Capabilities
-from relay.encrypted_media import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
-from relay.fetcher import (
+from relay.core.mxc import InvalidMxc, MediaId
+from relay.core.variant import Thumbnail
+from relay.media.attachments import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
+from relay.media.cache import MediaCache
+from relay.media.downloads import MediaBody, MediaSource
+from relay.support.metrics import Metrics
+from relay.upstream.capabilities import Capabilities
+from relay.upstream.fetcher import (
     OUTCOMES,
     MediaFetcher,
     Timeouts,
@@ -31,10 +35,6 @@ from relay.fetcher import (
     UpstreamUnauthorized,
     filename_from_content_disposition,
 )
-from relay.media_source import MediaBody, MediaSource
-from relay.metrics import Metrics
-from relay.mxc import InvalidMxc, MediaId
-from relay.variant import Thumbnail
 from tests.harness.stub_homeserver import (
     AS_TOKEN,
     SERVER,
@@ -548,7 +548,7 @@ async def test_unreachable_homeserver_is_upstream_error(
     session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """A refused connection is a 502 UpstreamError, not a crash."""
-    from relay.local_synapse import free_ports
+    from relay.devtools.local_synapse import free_ports
 
     (port,) = free_ports(1)
     url = f"http://127.0.0.1:{port}"

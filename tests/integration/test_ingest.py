@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.mxc import MediaId
+from relay.core.mxc import MediaId
 from tests.harness.relay import MakeConfig, StartRelay
 
 pytestmark = pytest.mark.synapse

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from relay.app import Relay
-from relay.mxc import MediaId, parse_mxc
-from relay.store.store import MediaRecord
+from relay.core.mxc import MediaId, parse_mxc
+from relay.core.records import MediaRecord
 from tests.harness import make_png
 from tests.harness.matrix_client import MatrixRequestError, MatrixUser, image_content, seg
 from tests.harness.relay import MakeConfig, StartRelay

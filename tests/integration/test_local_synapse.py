@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.local_synapse import LocalSynapse, pid_is_running
-from relay.mxc import parse_mxc
+from relay.core.mxc import parse_mxc
+from relay.devtools.local_synapse import LocalSynapse, pid_is_running
 from tests.harness import make_png
 from tests.harness.fixtures import MakeUser, RelayRegistration
 from tests.harness.matrix_client import MatrixRequestError, MatrixUser, image_content

@@ -11,12 +11,12 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.config import load
-from relay.headers import security_headers
-from relay.local_synapse import LocalSynapse, free_ports
-from relay.media_source import MediaSource
-from relay.mxc import MediaId, parse_mxc
-from relay.serve import SMALL_BODY
+from relay.config.settings import load
+from relay.core.mxc import MediaId, parse_mxc
+from relay.devtools.local_synapse import LocalSynapse, free_ports
+from relay.http.headers import security_headers
+from relay.media.downloads import MediaSource
+from relay.web.public import SMALL_BODY
 from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
 from tests.harness.links import errcode, fetch, post_media, sign, wait_recorded

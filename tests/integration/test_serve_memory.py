@@ -22,18 +22,18 @@ import pytest_asyncio
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from relay.cache import MediaCache
-from relay.capabilities import Capabilities
-from relay.errors import error_middleware
-from relay.fetcher import MediaFetcher, Timeouts
-from relay.media_source import MediaSource
-from relay.metrics import Metrics
-from relay.mxc import MediaId
-from relay.revocation import RevocationCheck
-from relay.serve import READY_TTL, RECORD_TTL, SMALL_BODY, MediaServer
-from relay.signing import KeyRing, LinkClaims, SigningKey, sign
-from relay.store import MediaRecord
-from relay.variant import Thumbnail
+from relay.core.mxc import MediaId
+from relay.core.records import MediaRecord
+from relay.core.signing import KeyRing, LinkClaims, SigningKey, sign
+from relay.core.variant import Thumbnail
+from relay.media.cache import MediaCache
+from relay.media.downloads import MediaSource
+from relay.media.revocation import RevocationCheck
+from relay.support.metrics import Metrics
+from relay.upstream.capabilities import Capabilities
+from relay.upstream.fetcher import MediaFetcher, Timeouts
+from relay.web.middleware import error_middleware
+from relay.web.public import READY_TTL, RECORD_TTL, SMALL_BODY, MediaServer
 from tests.harness.loopback import start_loopback
 from tests.harness.stub_homeserver import AS_TOKEN, SERVER, FakeClock, StubServer, serve_bytes
 

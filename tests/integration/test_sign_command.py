@@ -8,7 +8,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from relay.app import EXIT_DATABASE, EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from relay.core.exit_codes import EXIT_DATABASE, EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from tests.harness import make_png
 from tests.harness.links import fetch, post_media, run_sign
 from tests.harness.matrix_client import MatrixUser

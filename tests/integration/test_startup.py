@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from relay.app import EXIT_HOMESERVER, StartupError
-from relay.homeserver import HomeserverClient
+from relay.core.exit_codes import EXIT_HOMESERVER, StartupError
+from relay.upstream.homeserver import HomeserverClient
 from tests.harness.relay import MakeConfig, StartRelay
 
 pytestmark = pytest.mark.synapse

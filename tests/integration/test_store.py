@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from relay.ingest_plan import RoomPolicy, TransactionPlan, plan_transaction
-from relay.mxc import MediaId
+from relay.core.ingest_plan import RoomPolicy, TransactionPlan, plan_transaction
+from relay.core.mxc import MediaId
 from relay.store import DatabaseUnusable, Store, open_database
 
 BOT = "@mediarelay:example.org"

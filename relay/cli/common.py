@@ -1,0 +1,46 @@
+"""What every command shares: logging set-up and reading the config file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from relay.config.settings import (
+    Config,
+    apply_env_overrides,
+    fill_generated_secrets,
+    read_document,
+    validate,
+    write_document,
+)
+
+log = logging.getLogger("relay")
+
+
+def setup_logging(level: str, debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    if not debug:
+        logging.getLogger("mau").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def load_config(path: Path, *, fill_signing_keys: bool = False) -> Config:
+    """Validate the config; optionally fill a missing signing key and write it back.
+
+    The file is written only after the filled document validates, so a bad config
+    is never overwritten.
+    """
+    doc = read_document(path)
+    changed = fill_signing_keys and fill_generated_secrets(doc, tokens=False)
+    config = validate(apply_env_overrides(doc, os.environ), base_dir=Path.cwd())
+    if changed:
+        write_document(path, doc)
+        log.info("generated a signing key and saved it in %s", path)
+    return config

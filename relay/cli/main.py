@@ -1,0 +1,237 @@
+"""Command line: ``media-relay [run] -c config.yaml`` and the operator's helper commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+
+from relay import __version__
+from relay.app import Relay, stop_signals
+from relay.cli.common import load_config, setup_logging
+from relay.config.registration import write_registration
+from relay.config.settings import (
+    Config,
+    ConfigError,
+    apply_env_overrides,
+    fill_generated_secrets,
+    read_document,
+    validate,
+    write_document,
+)
+from relay.core.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_NEEDS_SETUP, EXIT_OK, StartupError
+
+log = logging.getLogger("relay")
+
+EXIT_CODES_HELP = """exit codes:
+  0  stopped cleanly
+  1  unexpected error
+  2  bad command line
+  3  bad configuration (or a listener port that cannot be bound)
+  4  homeserver unreachable, or it rejects the relay's as_token
+  5  database unusable
+  6  setup needed: a config or registration file was just created for you to edit/install
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="media-relay",
+        description="Re-serve authenticated Matrix media to people outside Matrix through "
+        "short-lived, signed, revocable URLs.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_common_options(parser, Path("config.yaml"), False)
+    # Subcommands accept the same options; SUPPRESS keeps a value given before the
+    # subcommand (`media-relay -c x.yaml sign …`) from being reset by their defaults.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the relay (the default command)")
+    _add_run_options(run)
+    _add_run_options(parser)
+
+    gen = sub.add_parser(
+        "generate-registration",
+        parents=[common],
+        help="fill 'generate' secrets in the config and write the appservice registration",
+    )
+    gen.add_argument("-r", "--registration", type=Path, default=Path("registration.yaml"))
+
+    sub.add_parser(
+        "check-config",
+        parents=[common],
+        help="validate the config without contacting the homeserver",
+    )
+
+    sign = sub.add_parser("sign", parents=[common], help="print a signed URL for an mxc URI")
+    sign.add_argument("mxc")
+    sign.add_argument("--ttl", type=int, help="link lifetime in seconds (default: signing.ttl)")
+    sign.add_argument("--filename", help="file name the link serves the media as")
+    sign.add_argument(
+        "--width", type=int, help="sign a thumbnail of this width (1-thumbnails.max_side)"
+    )
+    sign.add_argument(
+        "--height", type=int, help="sign a thumbnail of this height (1-thumbnails.max_side)"
+    )
+    sign.add_argument(
+        "--method",
+        choices=["crop", "scale"],
+        help="thumbnail method: scale fits inside, keeping the aspect (default); crop fills",
+    )
+    sign.add_argument(
+        "--animated", action="store_true", help="keep GIF/WebP animations in the thumbnail"
+    )
+    sign.add_argument(
+        "--force",
+        action="store_true",
+        help="sign even media the relay has not seen in a served room",
+    )
+
+    demo = sub.add_parser(
+        "demo", help="start a throwaway local Synapse and the relay, post an image, print a link"
+    )
+    demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    demo.add_argument(
+        "--once", action="store_true", help="fetch the printed link, check the bytes, and exit"
+    )
+    demo.add_argument("--workdir", type=Path, help="keep the demo's files here (default: temp)")
+    return parser
+
+
+def _add_common_options(p: argparse.ArgumentParser, config: object, debug: object) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=config,
+        help="configuration file (default: config.yaml)",
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=debug, help="debug logging and full tracebacks"
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--create-missing",
+        action="store_true",
+        help="if the config file does not exist, copy the example there and exit (for containers)",
+    )
+    p.add_argument(
+        "-r",
+        "--registration",
+        type=Path,
+        help="if this registration file does not exist, generate it and exit (for containers)",
+    )
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(
+        f"{args.config}: OK (homeserver {config.homeserver.address}, "
+        f"links under {config.public.url}, {len(config.bridges)} bridge(s))"
+    )
+    return EXIT_OK
+
+
+def cmd_generate_registration(args: argparse.Namespace) -> int:
+    doc = read_document(args.config)
+    changed = fill_generated_secrets(doc)
+    config = validate(apply_env_overrides(doc, os.environ), base_dir=Path.cwd())
+    if changed:
+        write_document(args.config, doc)
+        print(f"filled generated secrets in {args.config}")
+    write_registration(config, args.registration)
+    print(
+        f"wrote {args.registration}: add it to the homeserver's app_service_config_files "
+        "and restart the homeserver"
+    )
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if not args.config.exists() and args.create_missing:
+        example = resources.files("relay").joinpath("config.example.yaml")
+        with resources.as_file(example) as src:
+            shutil.copyfile(src, args.config)
+        # It will hold the appservice tokens and signing keys once they are generated.
+        args.config.chmod(0o600)
+        print(
+            f"created {args.config} from the example. Edit at least homeserver.address, "
+            "homeserver.domain, public.url and appservice.address, then start again.",
+            file=sys.stderr,
+        )
+        return EXIT_NEEDS_SETUP
+    if args.registration is not None and not args.registration.exists():
+        args_gen = argparse.Namespace(config=args.config, registration=args.registration)
+        cmd_generate_registration(args_gen)
+        print(
+            f"give {args.registration} to the homeserver, restart it, then start the relay again.",
+            file=sys.stderr,
+        )
+        return EXIT_NEEDS_SETUP
+    config = load_config(args.config, fill_signing_keys=True)
+    setup_logging(config.log_level, args.debug)
+    return asyncio.run(serve_until_signalled(config))
+
+
+async def serve_until_signalled(config: Config) -> int:
+    relay = Relay(config)
+    with stop_signals() as stop:
+        try:
+            await relay.start()
+            log.info("relay %s running; SIGTERM or Ctrl-C stops it", __version__)
+            await stop.wait()
+            log.info("stopping")
+        finally:
+            await relay.stop()
+    return EXIT_OK
+
+
+def _command(name: str | None) -> Callable[[argparse.Namespace], int]:
+    if name == "generate-registration":
+        return cmd_generate_registration
+    if name == "check-config":
+        return cmd_check_config
+    if name == "sign":
+        from relay.cli.sign import cmd_sign
+
+        return cmd_sign
+    if name == "demo":
+        from relay.devtools.demo import cmd_demo
+
+        return cmd_demo
+    return cmd_run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("run", None):
+        setup_logging("INFO", args.debug)
+    try:
+        return _command(args.command)(args)
+    except ConfigError as e:
+        return _fail(args, EXIT_CONFIG, str(e))
+    except StartupError as e:
+        return _fail(args, e.exit_code, str(e))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as e:
+        return _fail(args, EXIT_ERROR, f"{type(e).__name__}: {e}")
+
+
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    if args.debug:
+        log.exception("%s", message)
+    print(f"media-relay: error: {message}", file=sys.stderr)
+    return code

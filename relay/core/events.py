@@ -1,0 +1,490 @@
+"""Matrix event JSON → media references (pure: no I/O, no logging).
+
+The relay must remember every media reference it sees in room events (so it
+signs only media that was really posted) and must give bridges an https URL
+beside each reference. Both jobs walk event content the same way, so both live
+here:
+
+- ``url`` / ``file`` (Client-Server API, "m.room.message msgtypes" and "Sending
+  encrypted attachments"), ``info.thumbnail_url`` / ``info.thumbnail_file`` with
+  ``info.thumbnail_info`` ("ThumbnailInfo"), ``m.sticker``;
+- ``avatar_url`` of ``m.room.member`` and ``url`` of ``m.room.avatar``;
+- edits: ``m.new_content`` of an ``m.replace`` relation ("Event replacements");
+- the event id named by an ``m.room.redaction``.
+
+Event content is untrusted input from any room member. Every field is type
+checked; a reference that fails validation is counted and dropped, never
+returned, and an EncryptedFile's key never appears in a ``repr``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
+
+# Matrix spec, appendices, "Canonical JSON": integers lie in [-(2**53)+1, 2**53-1].
+_MAX_JSON_INT = 2**53 - 1
+# RFC 6838 section 4.2: type and subtype names are at most 127 characters each.
+_MAX_MIMETYPE_LENGTH = 255
+_MAX_FILENAME_LENGTH = 255
+# Client-Server API "m.room.message msgtypes": for these, `body` is the file name
+# unless a separate `filename` is given (then `body` is a caption).
+_FILE_MSGTYPES = frozenset({"m.file", "m.image", "m.video", "m.audio"})
+# Appendices, "Event IDs": at most 255 bytes including the `$` sigil. We accept
+# printable ASCII only: every room version's event ids fit in it.
+_EVENT_ID = re.compile(r"\$[\x21-\x7e]{1,254}")
+_STD_B64 = re.compile(r"[A-Za-z0-9+/]*")
+_URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*")
+
+KEY_BYTES = 32  # AES-256
+IV_BYTES = 16  # 128-bit counter block
+SHA256_BYTES = 32
+
+
+def check_key_material(key: object, iv: object, sha256: object) -> None:
+    """Raise ValueError unless these have the lengths EncryptedFile v2 requires."""
+    for name, value, length in (
+        ("key", key, KEY_BYTES),
+        ("iv", iv, IV_BYTES),
+        ("sha256", sha256, SHA256_BYTES),
+    ):
+        if not isinstance(value, bytes) or len(value) != length:
+            raise ValueError(f"encrypted file {name} must be {length} bytes")
+
+
+class Role(StrEnum):
+    """What a media reference is to the event that holds it."""
+
+    CONTENT = "content"
+    THUMBNAIL = "thumbnail"
+    AVATAR = "avatar"
+
+
+class MalformedEvent(ValueError):
+    """The event (or content) is not a well-formed client-format room event."""
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class EncryptionInfo:
+    """Validated key material of an EncryptedFile (v2): enough to decrypt and verify it.
+
+    ``repr`` never shows the key or the IV: these objects end up in log lines.
+    """
+
+    key: bytes
+    iv: bytes
+    sha256: bytes
+
+    def __post_init__(self) -> None:
+        check_key_material(self.key, self.iv, self.sha256)
+
+    def __repr__(self) -> str:
+        return f"EncryptionInfo(key=<redacted>, iv=<redacted>, sha256={_b64(self.sha256)!r})"
+
+    def to_json(self) -> str:
+        """Compact JSON for database storage (the same encodings the event used)."""
+        return json.dumps(
+            {
+                "k": _b64(self.key, urlsafe=True),
+                "iv": _b64(self.iv),
+                "sha256": _b64(self.sha256),
+            },
+            separators=(",", ":"),
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, raw: str) -> EncryptionInfo:
+        """Inverse of :meth:`to_json`; raises ``ValueError`` on anything else."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("stored EncryptionInfo is not a JSON object")
+        key = _unb64(data.get("k"), urlsafe=True)
+        iv = _unb64(data.get("iv"))
+        sha256 = _unb64(data.get("sha256"))
+        if key is None or iv is None or sha256 is None:
+            raise ValueError("stored EncryptionInfo has a missing or undecodable field")
+        return cls(key=key, iv=iv, sha256=sha256)
+
+
+@dataclass(frozen=True, slots=True)
+class MediaReference:
+    """One media reference in event content.
+
+    ``path`` is where the reference sits in the content: ``("url",)``,
+    ``("info", "thumbnail_file")``, ``("m.new_content", "url")``… For an
+    EncryptedFile it names the object (``("file",)``), not the ``url`` inside it.
+    """
+
+    media: MediaId
+    role: Role
+    path: tuple[str, ...]
+    mimetype: str | None
+    size: int | None
+    width: int | None
+    height: int | None
+    filename: str | None
+    encryption: EncryptionInfo | None
+
+
+@dataclass(frozen=True, slots=True)
+class Extraction:
+    """The valid references of one event, in content order, and how many were refused."""
+
+    references: tuple[MediaReference, ...]
+    invalid: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    mimetype: str | None = None
+    size: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(slots=True)
+class _Collector:
+    """Accumulates one extraction (local to a call: the module keeps no state)."""
+
+    references: list[MediaReference] = field(default_factory=list)
+    seen: set[tuple[MediaId, Role, tuple[str, ...]]] = field(default_factory=set)
+    invalid: int = 0
+
+    def add(self, ref: MediaReference) -> None:
+        key = (ref.media, ref.role, ref.path)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.references.append(ref)
+
+
+# --- public API -------------------------------------------------------------------------
+
+
+def extract_from_content(content: Mapping[str, Any], event_type: str | None = None) -> Extraction:
+    """Every valid media reference in event ``content``.
+
+    With ``event_type`` None (a bridge sending bare content) the roles follow the
+    shape: ``avatar_url`` is an avatar, ``url``/``file`` content, ``info.thumbnail_*``
+    thumbnails. Raises :class:`MalformedEvent` if ``content`` is not an object.
+    """
+    if not isinstance(content, Mapping):
+        raise MalformedEvent("event content must be an object")
+    out = _Collector()
+    _collect(content, event_type, (), out)
+    relates_to = content.get("m.relates_to")
+    new_content = content.get("m.new_content")
+    # Client-Server API, "Event replacements": the edit's new content is what clients
+    # show, so its media is as much "seen in the room" as the fallback's.
+    if (
+        isinstance(relates_to, Mapping)
+        and relates_to.get("rel_type") == "m.replace"
+        and isinstance(new_content, Mapping)
+    ):
+        _collect(new_content, event_type, ("m.new_content",), out)
+    return Extraction(references=tuple(out.references), invalid=out.invalid)
+
+
+def extract_media(event: Mapping[str, Any]) -> Extraction:
+    """Media references of a whole client-format room event (as in an AS transaction).
+
+    Raises :class:`MalformedEvent` if the event lacks a string ``type``, ``event_id``,
+    ``room_id`` or ``sender``, or an object ``content``.
+    """
+    if not isinstance(event, Mapping):
+        raise MalformedEvent("event must be an object")
+    for name in ("type", "event_id", "room_id", "sender"):
+        if not isinstance(event.get(name), str):
+            raise MalformedEvent(f"event field {name!r} must be a string")
+    if not isinstance(event.get("content"), Mapping):
+        raise MalformedEvent("event field 'content' must be an object")
+    return extract_from_content(event["content"], event["type"])
+
+
+def replaced_event_id(event: Mapping[str, Any]) -> str | None:
+    """The event an edit replaces (``m.relates_to`` with ``rel_type: m.replace``), or None.
+
+    Clients delete an edited message by redacting the *original* event, so media
+    that only an edit brought in must be revoked with it (Client-Server API,
+    "Event replacements" and "Redactions").
+    """
+    content = event.get("content")
+    relates_to = content.get("m.relates_to") if isinstance(content, Mapping) else None
+    if not isinstance(relates_to, Mapping) or relates_to.get("rel_type") != "m.replace":
+        return None
+    target = relates_to.get("event_id")
+    return target if isinstance(target, str) and _EVENT_ID.fullmatch(target) else None
+
+
+def redacted_event_id(event: Mapping[str, Any]) -> str | None:
+    """The event id an ``m.room.redaction`` redacts, or None.
+
+    Room versions 1-10 carry ``redacts`` at the top level; v11 moved it into
+    ``content`` (Room Version 11, "Redactions"). Without the room version we prefer
+    the top level: in old rooms only it is checked by the auth rules (a sender could
+    put any id in content), and homeservers copy v11's content value there for
+    backwards compatibility, so the two agree whenever both are legitimate.
+    """
+    if not isinstance(event, Mapping) or event.get("type") != "m.room.redaction":
+        return None
+    content = event.get("content")
+    candidates = [event.get("redacts")]
+    if isinstance(content, Mapping):
+        candidates.append(content.get("redacts"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and _EVENT_ID.fullmatch(candidate):
+            return candidate
+    return None
+
+
+def rewrite_content(
+    content: Mapping[str, Any],
+    url_for: Callable[[MediaReference], dict[str, Any] | None],
+    event_type: str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A copy of ``content`` with ``<key>_https`` beside every reference, and a media list.
+
+    ``url_for(ref)`` returns a dict with at least ``"url"`` (its other keys, such as
+    ``expires_at``, go into the media list entry), or None to leave that reference
+    alone (unseen media). ``<key>_https`` values already present in the content are
+    removed first: a sender must not be able to pass off its own link as the relay's.
+    The input is never mutated. Raises :class:`MalformedEvent` like
+    :func:`extract_from_content`.
+    """
+    extraction = extract_from_content(content, event_type)
+    rewritten = _copy_json(content)
+    _strip_spoofed_links(rewritten)
+    media: list[dict[str, Any]] = []
+    for ref in extraction.references:
+        signed = url_for(ref)
+        if signed is None:
+            continue
+        holder: dict[str, Any] = rewritten
+        for part in ref.path[:-1]:
+            holder = holder[part]
+        holder[ref.path[-1] + "_https"] = signed["url"]
+        media.append(
+            {"mxc": str(ref.media), "role": ref.role.value, "path": list(ref.path), **signed}
+        )
+    return rewritten, media
+
+
+# --- walking content --------------------------------------------------------------------
+
+# Where references can sit, relative to a content object (or m.new_content).
+_REFERENCE_KEYS: tuple[tuple[str, ...], ...] = (
+    ("url",),
+    ("file",),
+    ("avatar_url",),
+    ("info", "thumbnail_url"),
+    ("info", "thumbnail_file"),
+)
+
+
+def _collect(
+    content: Mapping[str, Any], event_type: str | None, prefix: tuple[str, ...], out: _Collector
+) -> None:
+    # m.room.avatar's `url` is the room's avatar; everywhere else `url` is the
+    # attachment itself (messages, stickers, and unknown types by shape).
+    is_room_avatar = event_type == "m.room.avatar"
+    main_role = Role.AVATAR if is_room_avatar else Role.CONTENT
+    info = content.get("info")
+    info = info if isinstance(info, Mapping) else None
+    meta = _meta(info)
+    filename = None if is_room_avatar else _filename(content, event_type)
+
+    if "url" in content:
+        site = _Site(main_role, (*prefix, "url"), meta, filename)
+        _plain(out, content["url"], site, removable=is_room_avatar)
+    if "file" in content:
+        _encrypted(out, content["file"], _Site(main_role, (*prefix, "file"), meta, filename))
+    if "avatar_url" in content:
+        # m.room.member: "" (or null) removes the avatar; it refers to nothing.
+        site = _Site(Role.AVATAR, (*prefix, "avatar_url"), _Meta(), None)
+        _plain(out, content["avatar_url"], site, removable=True)
+    if info is not None:
+        thumb_info = info.get("thumbnail_info")
+        thumb_meta = _meta(thumb_info if isinstance(thumb_info, Mapping) else None)
+        if "thumbnail_url" in info:
+            site = _Site(Role.THUMBNAIL, (*prefix, "info", "thumbnail_url"), thumb_meta, None)
+            _plain(out, info["thumbnail_url"], site, removable=False)
+        if "thumbnail_file" in info:
+            site = _Site(Role.THUMBNAIL, (*prefix, "info", "thumbnail_file"), thumb_meta, None)
+            _encrypted(out, info["thumbnail_file"], site)
+
+
+@dataclass(frozen=True, slots=True)
+class _Site:
+    """Where a reference sits and what the content says about it."""
+
+    role: Role
+    path: tuple[str, ...]
+    meta: _Meta
+    filename: str | None
+
+    def reference(self, media: MediaId, encryption: EncryptionInfo | None) -> MediaReference:
+        return MediaReference(
+            media=media,
+            role=self.role,
+            path=self.path,
+            mimetype=self.meta.mimetype,
+            size=self.meta.size,
+            width=self.meta.width,
+            height=self.meta.height,
+            filename=self.filename,
+            encryption=encryption,
+        )
+
+
+def _plain(out: _Collector, value: object, site: _Site, *, removable: bool) -> None:
+    if removable and value in ("", None):
+        return
+    try:
+        media = parse_mxc(value)
+    except InvalidMxc:
+        out.invalid += 1
+        return
+    out.add(site.reference(media, None))
+
+
+def _encrypted(out: _Collector, value: object, site: _Site) -> None:
+    parsed = _parse_encrypted_file(value)
+    if parsed is None:
+        out.invalid += 1
+        return
+    out.add(site.reference(*parsed))
+
+
+def _parse_encrypted_file(value: object) -> tuple[MediaId, EncryptionInfo] | None:
+    """Validate an EncryptedFile (Client-Server API, "Sending encrypted attachments")."""
+    if not isinstance(value, Mapping) or value.get("v") != "v2":
+        return None
+    try:
+        media = parse_mxc(value.get("url"))
+    except InvalidMxc:
+        return None
+    jwk = value.get("key")
+    hashes = value.get("hashes")
+    if not isinstance(jwk, Mapping) or not isinstance(hashes, Mapping):
+        return None
+    key_ops = jwk.get("key_ops")
+    # The spec requires key_ops ⊇ {encrypt, decrypt} and ext = true; recipients only
+    # need "decrypt", so that is all we insist on (clients differ on the rest).
+    if (
+        jwk.get("kty") != "oct"
+        or jwk.get("alg") != "A256CTR"
+        or not isinstance(key_ops, list)
+        or "decrypt" not in key_ops
+    ):
+        return None
+    key = _unb64(jwk.get("k"), urlsafe=True)
+    iv = _unb64(value.get("iv"))
+    sha256 = _unb64(hashes.get("sha256"))
+    if key is None or iv is None or sha256 is None:
+        return None
+    try:
+        return media, EncryptionInfo(key=key, iv=iv, sha256=sha256)
+    except ValueError:  # wrong lengths
+        return None
+
+
+def _meta(info: Mapping[str, Any] | None) -> _Meta:
+    if info is None:
+        return _Meta()
+    mimetype = info.get("mimetype")
+    if not isinstance(mimetype, str) or not 0 < len(mimetype) <= _MAX_MIMETYPE_LENGTH:
+        mimetype = None
+    return _Meta(
+        mimetype=mimetype,
+        size=_count(info.get("size")),
+        width=_count(info.get("w")),
+        height=_count(info.get("h")),
+    )
+
+
+def _count(value: object) -> int | None:
+    # bool is a subclass of int in Python but not a JSON integer.
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= _MAX_JSON_INT else None
+
+
+def _filename(content: Mapping[str, Any], event_type: str | None) -> str | None:
+    # Client-Server API, "m.room.message msgtypes" (v1.10+): when `filename` is
+    # present, `body` is a caption, so we never fall back to it.
+    if "filename" in content:
+        return _text(content["filename"])
+    msgtype = content.get("msgtype")
+    if (
+        event_type in (None, "m.room.message")
+        and isinstance(msgtype, str)
+        and msgtype in _FILE_MSGTYPES
+    ):
+        return _text(content.get("body"))
+    return None
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, str) and 0 < len(value) <= _MAX_FILENAME_LENGTH:
+        return value
+    return None
+
+
+# --- rewriting --------------------------------------------------------------------------
+
+
+def _copy_json(value: Any) -> Any:
+    """Deep copy of JSON-shaped data as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(key): _copy_json(item) for key, item in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_copy_json(item) for item in value]
+    return value
+
+
+def _strip_spoofed_links(content: dict[str, Any]) -> None:
+    holders: list[dict[str, Any]] = [content]
+    if isinstance(content.get("m.new_content"), dict):
+        holders.append(content["m.new_content"])
+    for holder in holders:
+        for path in _REFERENCE_KEYS:
+            parent: Any = holder
+            for part in path[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if isinstance(parent, dict):
+                parent.pop(path[-1] + "_https", None)
+
+
+# --- base64 (Matrix spec appendices, "Unpadded Base64" / "URL-safe Unpadded Base64") ---
+
+
+def _b64(data: bytes, *, urlsafe: bool = False) -> str:
+    encoded = base64.urlsafe_b64encode(data) if urlsafe else base64.b64encode(data)
+    return encoded.decode("ascii").rstrip("=")
+
+
+def _unb64(value: object, *, urlsafe: bool = False) -> bytes | None:
+    """Decode (URL-safe) unpadded Base64; padding is tolerated, as the appendix asks."""
+    if not isinstance(value, str):
+        return None
+    stripped = value.rstrip("=")
+    alphabet = _URLSAFE_B64 if urlsafe else _STD_B64
+    if len(value) - len(stripped) > 2 or not alphabet.fullmatch(stripped):
+        return None
+    if len(stripped) % 4 == 1:
+        return None
+    padded = stripped + "=" * (-len(stripped) % 4)
+    try:
+        if urlsafe:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return None

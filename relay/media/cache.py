@@ -1,0 +1,388 @@
+"""On-disk media cache: atomic entries, LRU eviction under a size cap, survives restarts.
+
+Layout under ``root`` (names come from a hash, never from raw ids)::
+
+    tmp/<random>.part          downloads in progress (removed at start-up)
+    ab/<sha256-hex>            the body of one entry (ab = first two hex digits)
+    ab/<sha256-hex>.json       its metadata; present only once the body is complete
+
+An entry is written to ``tmp/`` and ``os.replace``-d into place, then its sidecar is
+written the same way, so a crash leaves either nothing or a whole entry (an orphan
+body without sidecar is removed by :meth:`MediaCache.start`).
+
+Eviction unlinks files that may still be being sent: on Linux (POSIX) an open file
+descriptor keeps the data readable until it is closed, so readers that already
+opened a file finish normally; the serving side treats a file that vanished between
+lookup and open as a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.support.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = "tmp"
+TMP_SUFFIX = ".part"
+META_SUFFIX = ".json"
+# Access times are written to disk at most this often per entry (LRU survives restarts
+# approximately; exact order is only kept in memory).
+TOUCH_INTERVAL = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """One cached rendition: ``variant`` is ``variant_key()`` output or an ``enc-…`` name."""
+
+    server_name: str
+    media_id: str
+    variant: str
+
+    def digest(self) -> str:
+        """The hex SHA-256 naming this entry on disk."""
+        raw = f"{self.server_name}\n{self.media_id}\n{self.variant}".encode()
+        return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """A complete cached file and its metadata."""
+
+    path: Path
+    content_type: str
+    length: int
+    sha256: str
+    filename: str | None
+    created_at: float
+
+
+@dataclass(slots=True)
+class _Item:
+    key: CacheKey
+    entry: CacheEntry
+    touched_on_disk: float
+
+
+class CacheWriter:
+    """Writes one entry into a temporary file; :meth:`commit` puts it in place atomically."""
+
+    def __init__(self, cache: MediaCache, key: CacheKey, path: Path, fd: int) -> None:
+        self._cache = cache
+        self.key = key
+        self.path = path  # the temporary file; readers may follow it while it grows
+        self._fd: int | None = fd
+        self._hash = hashlib.sha256()
+        self.written = 0
+        # Set by purge(): the media was revoked while downloading; never commit it.
+        self.purged = False
+
+    async def write(self, data: bytes) -> None:
+        """Append bytes (written and hashed off the event loop)."""
+        if self._fd is None:
+            raise RuntimeError("cache writer is closed")
+        await asyncio.to_thread(self._write, self._fd, data)
+        self.written += len(data)
+
+    def _write(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        self._hash.update(data)
+
+    async def commit(self, content_type: str, filename: str | None) -> CacheEntry | None:
+        """Move the file into the cache; None when the media was purged meanwhile."""
+        self._close()
+        if self.purged:
+            _unlink(self.path)
+            self._cache._writers.discard(self)
+            return None
+        return await self._cache._commit(self, content_type, filename, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        """Discard everything written; safe to call twice or after commit."""
+        self._close()
+        _unlink(self.path)
+        self._cache._writers.discard(self)
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class MediaCache:
+    """Size-capped LRU cache of media files under ``root``."""
+
+    def __init__(self, root: Path, max_bytes: int, metrics: Metrics) -> None:
+        self.root = Path(root).resolve()
+        self.max_bytes = max_bytes
+        self._metrics = metrics
+        self._index: OrderedDict[str, _Item] = OrderedDict()  # digest → item, LRU first
+        self._by_media: dict[tuple[str, str], set[str]] = {}
+        self._writers: set[CacheWriter] = set()
+        self.total_bytes = 0
+
+    # -- start-up -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Scan existing entries, remove stray temporary files, rebuild the LRU index."""
+        items = await asyncio.to_thread(self._scan)
+        self._index.clear()
+        self._by_media.clear()
+        self.total_bytes = 0
+        for item in sorted(items, key=lambda i: i.touched_on_disk):
+            self._add(item)
+        self._evict(protect=None)
+        log.info(
+            "media cache: %d entries, %d bytes in %s", len(self._index), self.total_bytes, self.root
+        )
+
+    def _scan(self) -> list[_Item]:
+        (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        for stray in (self.root / TMP_DIR).iterdir():
+            _unlink(stray)
+        items: list[_Item] = []
+        for shard in self.root.iterdir():
+            if shard.name == TMP_DIR or not shard.is_dir() or len(shard.name) != 2:
+                continue
+            for path in shard.iterdir():
+                if path.name.endswith(META_SUFFIX):
+                    body = path.with_name(path.name[: -len(META_SUFFIX)])
+                    if not body.exists():
+                        _unlink(path)
+                    continue
+                if path.name.startswith("."):
+                    _unlink(path)  # an interrupted sidecar write
+                    continue
+                item = self._load(path)
+                if item is None:
+                    _unlink(path)
+                    _unlink(_meta_path(path))
+                else:
+                    items.append(item)
+        return items
+
+    def _load(self, body: Path) -> _Item | None:
+        try:
+            meta = json.loads(_meta_path(body).read_text(encoding="utf-8"))
+            key = CacheKey(str(meta["server_name"]), str(meta["media_id"]), str(meta["variant"]))
+            stat = body.stat()
+            entry = CacheEntry(
+                path=body,
+                content_type=str(meta["content_type"]),
+                length=int(meta["length"]),
+                sha256=str(meta["sha256"]),
+                filename=None if meta.get("filename") is None else str(meta["filename"]),
+                created_at=float(meta["created_at"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if body.name != key.digest() or stat.st_size != entry.length:
+            return None
+        return _Item(key, entry, stat.st_mtime)
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def lookup(self, key: CacheKey) -> CacheEntry | None:
+        """The complete entry for ``key`` (counted as hit or miss, marked recently used)."""
+        digest = key.digest()
+        item = self._index.get(digest)
+        if item is not None:
+            try:
+                size = item.entry.path.stat().st_size
+            except OSError:
+                size = -1
+            if size != item.entry.length:
+                # Removed or truncated behind our back: forget it, it is a miss.
+                self._drop(digest, unlink=True)
+                item = None
+        if item is None:
+            self._metrics.cache_misses.inc()
+            return None
+        self._index.move_to_end(digest)
+        now = time.time()
+        if now - item.touched_on_disk >= TOUCH_INTERVAL:
+            item.touched_on_disk = now
+            with contextlib.suppress(OSError):
+                os.utime(item.entry.path, (now, now))
+        self._metrics.cache_hits.inc()
+        return item.entry
+
+    def __contains__(self, key: CacheKey) -> bool:
+        return key.digest() in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def new_temp_path(self) -> Path:
+        """A fresh path in the cache's temporary directory (same file system as entries)."""
+        path = self.root / TMP_DIR / f"{secrets.token_hex(16)}{TMP_SUFFIX}"
+        return self._checked(path)
+
+    def begin(self, key: CacheKey) -> CacheWriter:
+        """Start writing ``key``; call ``commit`` or ``abort`` on the writer."""
+        path = self.new_temp_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        writer = CacheWriter(self, key, path, fd)
+        self._writers.add(writer)
+        return writer
+
+    async def put_bytes(
+        self, key: CacheKey, data: bytes, content_type: str, filename: str | None = None
+    ) -> CacheEntry | None:
+        """Store a small complete body (e.g. a thumbnail the relay rendered)."""
+        writer = self.begin(key)
+        try:
+            await writer.write(data)
+            return await writer.commit(content_type, filename)
+        except BaseException:
+            writer.abort()
+            raise
+
+    async def _commit(
+        self, writer: CacheWriter, content_type: str, filename: str | None, sha256: str
+    ) -> CacheEntry | None:
+        key = writer.key
+        digest = key.digest()
+        body = self._entry_path(digest)
+        entry = CacheEntry(
+            path=body,
+            content_type=content_type,
+            length=writer.written,
+            sha256=sha256,
+            filename=filename,
+            created_at=time.time(),
+        )
+        meta = {
+            "server_name": key.server_name,
+            "media_id": key.media_id,
+            "variant": key.variant,
+            "content_type": content_type,
+            "length": entry.length,
+            "sha256": sha256,
+            "filename": filename,
+            "created_at": entry.created_at,
+        }
+        try:
+            await asyncio.to_thread(self._install, writer.path, body, meta)
+        except BaseException:
+            _unlink(writer.path)
+            raise
+        finally:
+            self._writers.discard(writer)
+        if writer.purged:
+            # Purged while the file was being moved into place.
+            await asyncio.to_thread(_unlink_entries, [body])
+            return None
+        if digest in self._index:
+            self._drop(digest, unlink=False)
+        self._add(_Item(key, entry, entry.created_at))
+        self._evict(protect=digest)
+        return entry
+
+    def _install(self, tmp: Path, body: Path, meta: dict[str, Any]) -> None:
+        body.parent.mkdir(parents=True, exist_ok=True)
+        # Body first, sidecar last: the sidecar marks the entry complete (see _scan).
+        os.replace(tmp, body)
+        meta_tmp = body.with_name(f".{body.name}.{secrets.token_hex(4)}")
+        meta_tmp.write_text(json.dumps(meta), encoding="utf-8")
+        os.replace(meta_tmp, _meta_path(body))
+
+    # -- removal ------------------------------------------------------------------------
+
+    async def purge(self, server_name: str, media_id: str) -> int:
+        """Remove every variant of a media item (revocation); returns how many were removed.
+
+        Downloads of it still under way are marked so they are never committed.
+        """
+        for writer in self._writers:
+            if (writer.key.server_name, writer.key.media_id) == (server_name, media_id):
+                writer.purged = True
+        digests = list(self._by_media.get((server_name, media_id), ()))
+        paths = [self._index[d].entry.path for d in digests]
+        for digest in digests:
+            self._drop(digest, unlink=False)
+        await asyncio.to_thread(_unlink_entries, paths)
+        return len(digests)
+
+    def _evict(self, protect: str | None) -> None:
+        """Drop least-recently-used entries until under ``max_bytes``."""
+        if protect is not None and self._index[protect].entry.length > self.max_bytes:
+            # One entry larger than the whole cache: drop it rather than everything else.
+            log.warning(
+                "media cache: entry of %d bytes exceeds cache_max_size %d; not kept",
+                self._index[protect].entry.length,
+                self.max_bytes,
+            )
+            self._drop(protect, unlink=True)
+            self._metrics.cache_evictions.inc()
+        for digest in list(self._index):
+            if self.total_bytes <= self.max_bytes:
+                return
+            if digest == protect:
+                continue
+            self._drop(digest, unlink=True)
+            self._metrics.cache_evictions.inc()
+
+    def _add(self, item: _Item) -> None:
+        digest = item.key.digest()
+        self._index[digest] = item
+        self._by_media.setdefault((item.key.server_name, item.key.media_id), set()).add(digest)
+        self.total_bytes += item.entry.length
+
+    def _drop(self, digest: str, *, unlink: bool) -> None:
+        item = self._index.pop(digest, None)
+        if item is None:
+            return
+        self.total_bytes -= item.entry.length
+        media = (item.key.server_name, item.key.media_id)
+        siblings = self._by_media.get(media)
+        if siblings is not None:
+            siblings.discard(digest)
+            if not siblings:
+                del self._by_media[media]
+        if unlink:
+            _unlink_entries([item.entry.path])
+
+    # -- paths --------------------------------------------------------------------------
+
+    def _entry_path(self, digest: str) -> Path:
+        return self._checked(self.root / digest[:2] / digest)
+
+    def _checked(self, path: Path) -> Path:
+        """Refuse any path that would resolve outside the cache root."""
+        if not path.resolve().is_relative_to(self.root):
+            raise ValueError(f"cache path escapes the cache root: {path}")
+        return path
+
+
+def _meta_path(body: Path) -> Path:
+    return body.with_name(body.name + META_SUFFIX)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _unlink_entries(paths: list[Path]) -> None:
+    for path in paths:
+        # Sidecar first: a body without sidecar is an orphan that start() removes.
+        _unlink(_meta_path(path))
+        _unlink(path)

@@ -1,0 +1,531 @@
+"""Streaming, authenticated media downloads from the homeserver, as the appservice.
+
+One request in, one bounded stream out: the upstream URL is built only from a
+validated :class:`~relay.core.mxc.MediaId` (each path segment quoted), nothing from the
+client is forwarded, redirects are followed by hand so the token never leaves the
+homeserver's origin, the body is counted against ``media.max_size`` as it arrives,
+and every upstream failure becomes one of the ``Upstream*`` exceptions below.
+
+Status mapping (what the serving side answers):
+
+======================  =====================  ==================================
+upstream                exception              relay answers
+======================  =====================  ==================================
+404                     UpstreamNotFound       404 ``M_NOT_FOUND`` (remembered)
+413, over max_size      UpstreamTooLarge       502 ``M_TOO_LARGE``
+429                     UpstreamRateLimited    503 ``M_LIMIT_EXCEEDED`` + Retry-After
+401, 403                UpstreamUnauthorized   502 ``M_UNKNOWN`` + Retry-After
+504, timeouts           UpstreamError(504)     504 ``M_UNKNOWN`` + Retry-After
+anything else           UpstreamError(502)     502 ``M_UNKNOWN`` + Retry-After
+======================  =====================  ==================================
+
+429 maps to 503 rather than 502: the homeserver is fine, the relay is asked to slow
+down, and 503 is the status whose Retry-After clients honour (RFC 9110 §15.6.4).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+import aiohttp
+from yarl import URL
+
+from relay.core.errors import Codes, MatrixError
+from relay.core.mxc import InvalidMxc, MediaId, is_valid_media_id, is_valid_server_name
+from relay.core.variant import Thumbnail, variant_key
+from relay.http.headers import safe_filename
+from relay.support.metrics import Metrics
+from relay.upstream.capabilities import Capabilities
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64 * 1024
+DEFAULT_RETRY_AFTER = 10
+NOT_FOUND_CACHE_SIZE = 10_000
+# Error bodies are read only to learn the errcode; never buffer a large one.
+MAX_ERROR_BODY = 64 * 1024
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+AUTHENTICATED_PREFIX = "/_matrix/client/v1/media"
+LEGACY_PREFIX = "/_matrix/media/v3"
+
+
+# The outcomes counted in ``relay_upstream_requests{outcome}``.
+OUTCOMES = (
+    "ok",
+    "not_found",
+    "too_large",
+    "rate_limited",
+    "unauthorized",
+    "upstream_error",
+    "timeout",
+)
+
+
+class FetchError(Exception):
+    """Base of every failure to provide media; ``to_matrix_error()`` is what clients see."""
+
+    status = 502
+
+    def to_matrix_error(self) -> MatrixError:
+        return MatrixError(self.status, Codes.UNKNOWN, "The media could not be fetched")
+
+
+class UpstreamNotFound(FetchError):
+    """The homeserver answered 404: the media does not exist (or is not visible to us)."""
+
+    status = 404
+
+    def to_matrix_error(self) -> MatrixError:
+        return MatrixError(404, Codes.NOT_FOUND, "Media not found")
+
+
+class UpstreamTooLarge(FetchError):
+    """The media is larger than ``media.max_size`` (by Content-Length or counted)."""
+
+    status = 502
+
+    def to_matrix_error(self) -> MatrixError:
+        return MatrixError(502, Codes.TOO_LARGE, "Media is larger than this relay serves")
+
+
+class UpstreamError(FetchError):
+    """The homeserver failed or timed out; ``status`` is 502 or 504, worth retrying later."""
+
+    errcode: str = Codes.UNKNOWN
+
+    def __init__(self, message: str, *, status: int = 502, retry_after: int = DEFAULT_RETRY_AFTER):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = max(1, retry_after)
+
+    def to_matrix_error(self) -> MatrixError:
+        return MatrixError(
+            self.status,
+            self.errcode,
+            "The homeserver could not provide this media right now",
+            {"Retry-After": str(self.retry_after)},
+        )
+
+
+class UpstreamRateLimited(UpstreamError):
+    """The homeserver answered 429; ``status`` is 503 and ``retry_after`` its back-off."""
+
+    errcode = Codes.LIMIT_EXCEEDED
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, status=503, retry_after=retry_after)
+
+
+class UpstreamUnauthorized(UpstreamError):
+    """The homeserver refused our as_token (401/403): the relay's identity is broken."""
+
+    def __init__(self, message: str, *, retry_after: int = 60) -> None:
+        super().__init__(message, status=502, retry_after=retry_after)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds: TCP connect, between two reads, and for a whole download."""
+
+    connect: float = 10
+    read: float = 30
+    total: float = 600
+
+
+_FILENAME_STAR = re.compile(r"([^']*)'[^']*'(.*)", re.DOTALL)
+
+
+def filename_from_content_disposition(header: str | None) -> str | None:
+    """The file name in an upstream Content-Disposition, made safe, or None.
+
+    Understands ``filename*=UTF-8''…`` (RFC 6266 §4.3, RFC 8187) before ``filename=``.
+    The result has no directory part, no control characters, at most 255 characters;
+    it is a hint for the serving side's own header policy, never sent back verbatim.
+    """
+    if not header:
+        return None
+    params: dict[str, str] = {}
+    for part in _split_params(header)[1:]:
+        name, sep, value = part.partition("=")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params.setdefault(name, value)
+    raw: str | None = None
+    if "filename*" in params:
+        m = _FILENAME_STAR.fullmatch(params["filename*"])
+        if m is not None:
+            # RFC 8187 §3.2.1: UTF-8 and ISO-8859-1 are the charsets recipients must know.
+            charset = m.group(1).lower()
+            if charset in ("utf-8", "iso-8859-1"):
+                try:
+                    raw = unquote(m.group(2), encoding=charset, errors="strict")
+                except UnicodeDecodeError:
+                    raw = None
+    if raw is None:
+        raw = params.get("filename")
+    return safe_filename(raw)
+
+
+def _split_params(header: str) -> list[str]:
+    """Split on ``;`` outside quoted strings."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for ch in header:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+_MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+def _media_type(header: str | None) -> str | None:
+    """``type/subtype`` of a Content-Type header, lower-cased, parameters dropped."""
+    if not header:
+        return None
+    mime = header.split(";", 1)[0].strip().lower()
+    return mime if _MIME.fullmatch(mime) else None
+
+
+def _same_origin(a: URL, b: URL) -> bool:
+    # RFC 6454 §5: same scheme, host and port (yarl fills the scheme's default port).
+    return (a.scheme.lower(), (a.host or "").lower(), a.port) == (
+        b.scheme.lower(),
+        (b.host or "").lower(),
+        b.port,
+    )
+
+
+def _retry_after_seconds(body: object, header: str | None) -> int:
+    """Back-off from ``retry_after_ms`` (spec "Rate limiting") or a Retry-After header."""
+    if isinstance(body, dict):
+        ms = body.get("retry_after_ms")
+        if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0:
+            return max(1, math.ceil(ms / 1000))
+    if header and header.strip().isdigit():
+        return max(1, int(header.strip()))
+    return DEFAULT_RETRY_AFTER
+
+
+class UpstreamResponse:
+    """An open upstream media response; read the body with :meth:`iter_chunks`."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, max_size: int, metrics: Metrics) -> None:
+        self._resp = resp
+        self._max_size = max_size
+        self._metrics = metrics
+        self.content_type = _media_type(resp.headers.get("Content-Type"))
+        self.content_length = resp.content_length
+        self.filename = filename_from_content_disposition(resp.headers.get("Content-Disposition"))
+        self.received = 0
+        self.complete = False
+        # The counter label for this request, settled when the body ends or fails.
+        self.outcome = "ok"
+
+    async def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives; raise UpstreamTooLarge past ``max_size``."""
+        try:
+            async for chunk in self._resp.content.iter_chunked(chunk_size):
+                self.received += len(chunk)
+                self._metrics.upstream_bytes.inc(len(chunk))
+                if self.received > self._max_size:
+                    self.outcome = "too_large"
+                    raise UpstreamTooLarge(f"body exceeds {self._max_size} bytes")
+                yield chunk
+        except TimeoutError as e:
+            self.outcome = "timeout"
+            raise UpstreamError("homeserver stopped sending", status=504) from e
+        except aiohttp.ClientError as e:
+            self.outcome = "upstream_error"
+            raise UpstreamError(f"download interrupted: {type(e).__name__}") from e
+        if self.content_length is not None and self.received != self.content_length:
+            self.outcome = "upstream_error"
+            raise UpstreamError("body shorter than its Content-Length")
+        self.complete = True
+
+
+class MediaFetcher:
+    """Opens media on the homeserver with the appservice's token; safe to share."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        homeserver_url: str,
+        as_token: str,
+        capabilities: Capabilities,
+        metrics: Metrics,
+        *,
+        max_size: int,
+        timeouts: Timeouts = Timeouts(),
+        not_found_ttl: float = 60.0,
+        max_redirects: int = 3,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._base = URL(homeserver_url.rstrip("/"))
+        if self._base.scheme not in ("http", "https") or not self._base.host:
+            raise ValueError(f"homeserver URL must be http(s)://host: {homeserver_url!r}")
+        self._as_token = as_token
+        self.capabilities = capabilities
+        self._metrics = metrics
+        self.max_size = max_size
+        self.timeouts = timeouts
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+        self.not_found_ttl = not_found_ttl
+        self.max_redirects = max_redirects
+        self._clock = clock
+        self._not_found: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._backoff_until = 0.0
+
+    # -- pure helpers -------------------------------------------------------------------
+
+    def upstream_path(
+        self, media: MediaId, thumbnail: Thumbnail | None, authenticated: bool
+    ) -> str:
+        """The URL path for a media item; raises InvalidMxc for anything not strictly valid."""
+        # MediaId is a plain dataclass: check again so no caller can smuggle "../" in.
+        if not is_valid_server_name(media.server_name) or not is_valid_media_id(media.media_id):
+            raise InvalidMxc("refusing to build an upstream URL from an invalid media id")
+        prefix = AUTHENTICATED_PREFIX if authenticated else LEGACY_PREFIX
+        kind = "download" if thumbnail is None else "thumbnail"
+        server = quote(media.server_name, safe="")
+        media_id = quote(media.media_id, safe="")
+        return f"{prefix}/{kind}/{server}/{media_id}"
+
+    def upstream_query(self, thumbnail: Thumbnail | None) -> dict[str, str]:
+        """Query parameters: only what the relay decides, never the client's."""
+        query = {"timeout_ms": str(int(self.timeouts.read * 1000))}
+        if thumbnail is not None:
+            query.update(
+                width=str(thumbnail.width),
+                height=str(thumbnail.height),
+                method=thumbnail.method,
+                animated="true" if thumbnail.animated else "false",
+            )
+        return query
+
+    # -- negative cache and back-off ----------------------------------------------------
+
+    def is_known_missing(self, media: MediaId, thumbnail: Thumbnail | None = None) -> bool:
+        """True while a recent 404 for this media (and variant) is remembered."""
+        key = (media.server_name, media.media_id, variant_key(thumbnail))
+        expires = self._not_found.get(key)
+        if expires is None:
+            return False
+        if self._clock() >= expires:
+            del self._not_found[key]
+            return False
+        return True
+
+    def forget_missing(self, media: MediaId) -> None:
+        """Drop remembered 404s for every variant of a media item."""
+        for key in [k for k in self._not_found if k[:2] == (media.server_name, media.media_id)]:
+            del self._not_found[key]
+
+    def _remember_missing(self, media: MediaId, thumbnail: Thumbnail | None) -> None:
+        if self.not_found_ttl <= 0:
+            return
+        key = (media.server_name, media.media_id, variant_key(thumbnail))
+        self._not_found.pop(key, None)
+        self._not_found[key] = self._clock() + self.not_found_ttl
+        while len(self._not_found) > NOT_FOUND_CACHE_SIZE:
+            self._not_found.popitem(last=False)
+
+    def backoff_remaining(self) -> float:
+        """Seconds left in a 429 back-off window (0 when none)."""
+        return max(0.0, self._backoff_until - self._clock())
+
+    # -- the request --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open(
+        self, media: MediaId, thumbnail: Thumbnail | None = None
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Open a media item (or a homeserver thumbnail of it) for streaming.
+
+        Raises the ``Upstream*`` exceptions before yielding; ``iter_chunks`` raises
+        UpstreamTooLarge / UpstreamError while streaming. Exactly one
+        ``relay_upstream_requests`` sample is counted per request that reached the
+        homeserver.
+        """
+        self.upstream_path(media, thumbnail, True)  # validate before anything else
+        if self.is_known_missing(media, thumbnail):
+            self._metrics.negative_cache_hits.inc()
+            raise UpstreamNotFound(f"{media} is remembered as missing")
+        remaining = self.backoff_remaining()
+        if remaining > 0:
+            raise UpstreamRateLimited(
+                "homeserver asked us to back off", retry_after=math.ceil(remaining)
+            )
+        await self.capabilities.ensure_checked(self._session)
+        resp = await self._request(media, thumbnail)
+        upstream = UpstreamResponse(resp, self.max_size, self._metrics)
+        try:
+            yield upstream
+        finally:
+            if upstream.complete:
+                resp.release()
+            else:
+                # Unread body: drop the connection rather than drain it.
+                resp.close()
+            self._count(upstream.outcome)
+
+    def _count(self, outcome: str) -> None:
+        self._metrics.upstream_requests.labels(outcome=outcome).inc()
+
+    async def _request(self, media: MediaId, thumbnail: Thumbnail | None) -> aiohttp.ClientResponse:
+        """Send the request (authenticated path first), map every non-200 to an exception."""
+        authenticated = self.capabilities.authenticated_media
+        query = self.upstream_query(thumbnail)
+        resp = await self._get(self._url(media, thumbnail, authenticated, query))
+        if resp.status == 200:
+            return self._accept(resp)
+        status, body = resp.status, await self._error_body(resp)
+        if authenticated and status in (404, 405) and _errcode(body) == Codes.UNRECOGNIZED:
+            # Spec "Unsupported endpoints": 404/405 M_UNRECOGNIZED → the server predates v1.11.
+            self.capabilities.mark_unsupported()
+            resp = await self._get(self._url(media, thumbnail, False, query))
+            if resp.status == 200:
+                return self._accept(resp)
+            status, body = resp.status, await self._error_body(resp)
+        raise self._failure(media, thumbnail, status, body, resp.headers.get("Retry-After"))
+
+    def _accept(self, resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
+        self.capabilities.mark_identity_ok()
+        length = resp.content_length
+        if length is not None and length > self.max_size:
+            resp.close()
+            self._count("too_large")
+            raise UpstreamTooLarge(f"Content-Length {length} exceeds {self.max_size}")
+        return resp
+
+    def _failure(
+        self,
+        media: MediaId,
+        thumbnail: Thumbnail | None,
+        status: int,
+        body: object,
+        retry_after_header: str | None,
+    ) -> Exception:
+        """Count and build the exception for a non-200 answer."""
+        errcode = _errcode(body)
+        log.info("homeserver answered %d %s for %s", status, errcode or "-", media)
+        if status == 404:
+            self._count("not_found")
+            self._remember_missing(media, thumbnail)
+            return UpstreamNotFound(f"{media}: {errcode or 'not found'}")
+        if status == 413:
+            self._count("too_large")
+            return UpstreamTooLarge(f"homeserver says {media} is too large")
+        if status == 429:
+            self._count("rate_limited")
+            retry_after = _retry_after_seconds(body, retry_after_header)
+            self._backoff_until = max(self._backoff_until, self._clock() + retry_after)
+            return UpstreamRateLimited("homeserver rate-limited the relay", retry_after=retry_after)
+        if status in (401, 403):
+            self._count("unauthorized")
+            self.capabilities.mark_identity_broken(
+                f"media download answered {status} {errcode or ''}".strip()
+            )
+            return UpstreamUnauthorized(f"homeserver refused our token ({status})")
+        self._count("timeout" if status == 504 else "upstream_error")
+        retry_after = _retry_after_seconds(None, retry_after_header)
+        return UpstreamError(
+            f"homeserver answered {status} {errcode or ''}".strip(),
+            status=504 if status == 504 else 502,
+            retry_after=retry_after,
+        )
+
+    def _url(
+        self,
+        media: MediaId,
+        thumbnail: Thumbnail | None,
+        authenticated: bool,
+        query: dict[str, str],
+    ) -> URL:
+        path = self._base.raw_path.rstrip("/") + self.upstream_path(media, thumbnail, authenticated)
+        return self._base.with_path(path, encoded=True).with_query(query)
+
+    async def _get(self, url: URL) -> aiohttp.ClientResponse:
+        """GET with redirects followed by hand; Authorization only to the homeserver's origin."""
+        try:
+            for hop in range(self.max_redirects + 1):
+                # identity: sizes are counted on what is stored, no decompression bombs.
+                headers = {"Accept-Encoding": "identity"}
+                if _same_origin(url, self._base):
+                    headers["Authorization"] = f"Bearer {self._as_token}"
+                resp = await self._session.get(
+                    url, headers=headers, allow_redirects=False, timeout=self._client_timeout
+                )
+                if resp.status not in REDIRECT_STATUSES:
+                    return resp
+                location = resp.headers.get("Location")
+                resp.release()
+                if hop == self.max_redirects:
+                    break
+                if not location:
+                    self._count("upstream_error")
+                    raise UpstreamError(f"redirect {resp.status} without Location")
+                target = url.join(URL(location))
+                if target.scheme not in ("http", "https") or not target.host:
+                    self._count("upstream_error")
+                    raise UpstreamError("redirect to a non-HTTP location")
+                log.debug("following %d redirect to %s", resp.status, target.origin())
+                url = target
+        except TimeoutError as e:
+            self._count("timeout")
+            raise UpstreamError("homeserver timed out", status=504) from e
+        except (aiohttp.ClientError, ValueError) as e:
+            # ValueError: an unparsable Location.
+            self._count("upstream_error")
+            raise UpstreamError(f"homeserver unreachable: {type(e).__name__}") from e
+        self._count("upstream_error")
+        raise UpstreamError(f"more than {self.max_redirects} redirects")
+
+    async def _error_body(self, resp: aiohttp.ClientResponse) -> object:
+        """The (small) JSON error body of a failed request, or None; always closes it."""
+        try:
+            data = bytearray()
+            while len(data) < MAX_ERROR_BODY:
+                chunk = await resp.content.read(MAX_ERROR_BODY - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return json.loads(data) if data else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+        finally:
+            resp.close()
+
+
+def _errcode(body: object) -> str | None:
+    if isinstance(body, dict) and isinstance(body.get("errcode"), str):
+        return str(body["errcode"])
+    return None

@@ -1,0 +1,58 @@
+"""The error middleware: every failure leaves as Matrix JSON, never as a crash."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from relay.core.errors import Codes, MatrixError
+
+log = logging.getLogger(__name__)
+
+
+def error_response(error: MatrixError, *, head: bool = False) -> web.Response:
+    """``error`` as a response: ``{"errcode", "error"}`` with its status and headers."""
+    return web.Response(
+        status=error.status,
+        body=None if head else json.dumps(error.to_json()).encode(),
+        content_type="application/json",
+        headers=error.headers,
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure as Matrix JSON; never let one request crash the process."""
+    head = request.method == "HEAD"
+    try:
+        return await handler(request)
+    except MatrixError as e:
+        return error_response(e, head=head)
+    except web.HTTPMethodNotAllowed:
+        return error_response(MatrixError(405, Codes.UNRECOGNIZED, "Method not allowed"), head=head)
+    except web.HTTPNotFound:
+        return error_response(
+            MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request"), head=head
+        )
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(
+            MatrixError(413, Codes.TOO_LARGE, "Request body too large"), head=head
+        )
+    except web.HTTPException as e:
+        # Anything aiohttp raised by itself keeps its status but gets our body shape.
+        if e.status < 400:
+            raise
+        return error_response(MatrixError(e.status, Codes.UNKNOWN, e.reason), head=head)
+    except (ConnectionResetError, TimeoutError) as e:
+        # The client went away; nothing to answer.
+        log.debug("client connection lost during %s %s: %s", request.method, request.path, e)
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(MatrixError(500, Codes.UNKNOWN, "Internal server error"), head=head)

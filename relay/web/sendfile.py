@@ -1,0 +1,131 @@
+"""Send part of a cached file as a response body: read whole, or with the kernel's ``sendfile``.
+
+aiohttp's ``FileResponse`` does the same underneath, but it also decides Range,
+If-None-Match and the ETag itself (an ETag from mtime and size); the relay's ETag is
+the content's SHA-256 and its Range and conditional rules live in
+:mod:`relay.http.ranges`, so the serving code makes every decision and this module
+only moves bytes. The file is opened *before* anything is sent, so a file evicted or
+purged between lookup and open is a miss the caller can retry, never a broken response.
+
+Opening and reading happen on the event loop: for a local file in the page cache an
+open, fstat and pread cost less than the hop to a worker thread, and ``loop.sendfile``
+itself calls ``sendfile(2)`` on the loop thread anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+from aiohttp import web
+
+COPY_CHUNK = 256 * 1024
+
+
+def open_cached(path: Path, length: int) -> BinaryIO | None:
+    """Open a cached file for sending; ``None`` if it vanished or changed size meanwhile.
+
+    An open descriptor keeps the data readable even if the entry is unlinked later
+    (POSIX), so once this returns a file the whole body can be sent.
+    """
+    try:
+        fobj = path.open("rb")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        # Eviction unlinks, never truncates, but a size mismatch means this is not the
+        # entry that was looked up: refuse it rather than send the wrong bytes.
+        if os.fstat(fobj.fileno()).st_size != length:
+            fobj.close()
+            return None
+    except BaseException:
+        fobj.close()
+        raise
+    return fobj
+
+
+def read_cached(path: Path, length: int, offset: int, count: int) -> bytes | None:
+    """``count`` bytes from ``offset`` of a cached file of ``length`` bytes, read whole.
+
+    ``None`` if the file vanished or changed size meanwhile (the same check as
+    :func:`open_cached`), so the caller can look it up again before sending anything.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        if os.fstat(fd).st_size != length:
+            return None
+        data = os.pread(fd, count, offset)
+    finally:
+        os.close(fd)
+    return data if len(data) == count else None
+
+
+async def send_file(
+    request: web.Request, response: web.StreamResponse, fobj: BinaryIO, offset: int, count: int
+) -> bool:
+    """Prepare ``response`` and send ``count`` bytes of ``fobj`` from ``offset``.
+
+    Returns True when the kernel sent them (``loop.sendfile`` on the socket), False
+    when they were copied through the response because the transport cannot do it
+    (TLS terminated in-process, or a platform without ``os.sendfile``). The caller
+    closes ``fobj``.
+    """
+    await response.prepare(request)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        # (loop.sendfile would raise RuntimeError on a closing transport.)
+        raise ConnectionResetError("client connection lost before the body")
+    loop = asyncio.get_running_loop()
+    zero_copy = True
+    if count > 0:
+        try:
+            await loop.sendfile(transport, fobj, offset, count, fallback=False)
+        except (NotImplementedError, asyncio.SendfileNotAvailableError):
+            # asyncio reports a sendfile(2) that failed before its first byte as "not
+            # available", also when the cause was the client hanging up: that is the
+            # client leaving, not a reason to copy the file into a dead connection.
+            if _client_gone(transport):
+                raise ConnectionResetError("client left before the body") from None
+            zero_copy = False
+            await _copy(response, fobj, offset, count)
+    await response.write_eof()
+    return zero_copy
+
+
+def _client_gone(transport: asyncio.Transport) -> bool:
+    if transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        sock.getpeername()
+    except OSError:
+        # ENOTCONN: reset or closed by the peer. asyncio pauses reading during
+        # sendfile, so the transport itself has not noticed yet.
+        return True
+    return False
+
+
+async def _copy(response: web.StreamResponse, fobj: BinaryIO, offset: int, count: int) -> None:
+    fd = fobj.fileno()
+    while count > 0:
+        data = await asyncio.to_thread(os.pread, fd, min(COPY_CHUNK, count), offset)
+        if not data:
+            raise ConnectionResetError("cached file ended early; closing the response")
+        await response.write(data)
+        offset += len(data)
+        count -= len(data)
+
+
+def close_quietly(fobj: BinaryIO | None) -> None:
+    """Close a file opened by :func:`open_cached` (errors on close are irrelevant here)."""
+    if fobj is not None:
+        with contextlib.suppress(OSError):
+            fobj.close()

@@ -1,0 +1,234 @@
+"""The on-disk media cache: atomic entries, metadata, LRU cap, restarts, purge, path safety."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.media.cache import CacheKey, MediaCache
+from relay.support.metrics import Metrics
+
+KEY = CacheKey("example.org", "abc", "original")
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+async def _cache(root: Path, max_bytes: int = 1 << 20) -> tuple[MediaCache, Metrics]:
+    metrics = Metrics()
+    cache = MediaCache(root, max_bytes, metrics)
+    await cache.start()
+    return cache, metrics
+
+
+async def test_put_then_lookup_hit(tmp_path: Path) -> None:
+    """A committed entry is found with its bytes, length, sha256, type and name."""
+    cache, metrics = await _cache(tmp_path)
+    data = b"hello cache"
+    await cache.put_bytes(KEY, data, "text/plain", "hello.txt")
+    entry = cache.lookup(KEY)
+    assert entry is not None
+    assert entry.path.read_bytes() == data
+    assert entry.length == len(data)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    assert entry.content_type == "text/plain"
+    assert entry.filename == "hello.txt"
+    assert metrics.value("relay_cache_hits") == 1
+    assert metrics.value("relay_cache_misses") == 0
+
+
+async def test_lookup_miss_is_counted(tmp_path: Path) -> None:
+    """An unknown key is a miss and no hit is counted."""
+    cache, metrics = await _cache(tmp_path)
+    assert cache.lookup(KEY) is None
+    assert metrics.value("relay_cache_misses") == 1
+    assert metrics.value("relay_cache_hits") == 0
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (CacheKey("a.org", "x", "original"), CacheKey("a.org", "x", "thumb-32x32-crop")),
+        (CacheKey("a.org", "x", "original"), CacheKey("a.org", "x", "enc-00-original")),
+        (CacheKey("a.org", "xy", "original"), CacheKey("a.orgx", "y", "original")),
+        (CacheKey("a.org", "x", "original"), CacheKey("b.org", "x", "original")),
+    ],
+)
+def test_keys_never_share_a_name(a: CacheKey, b: CacheKey) -> None:
+    """Different server, media id or variant give different file names."""
+    assert a.digest() != b.digest()
+
+
+async def test_variants_are_separate_entries(tmp_path: Path) -> None:
+    """Plaintext (enc- variant) and ciphertext (original) of one mxc never collide."""
+    cache, _ = await _cache(tmp_path)
+    plain = CacheKey("example.org", "abc", "enc-1234-original")
+    await cache.put_bytes(KEY, b"ciphertext", "application/octet-stream")
+    await cache.put_bytes(plain, b"plaintext", "application/octet-stream")
+    hit_plain, hit_cipher = cache.lookup(plain), cache.lookup(KEY)
+    assert hit_plain is not None and hit_cipher is not None
+    assert hit_plain.path.read_bytes() == b"plaintext"
+    assert hit_cipher.path.read_bytes() == b"ciphertext"
+
+
+async def test_survives_restart(tmp_path: Path) -> None:
+    """A new MediaCache over the same directory finds every committed entry."""
+    cache, _ = await _cache(tmp_path)
+    await cache.put_bytes(KEY, b"persisted", "image/png", "a.png")
+    other = CacheKey("example.org", "def", "thumb-32x32-crop")
+    await cache.put_bytes(other, b"thumb", "image/jpeg")
+    again, metrics = await _cache(tmp_path)
+    assert len(again) == 2
+    assert again.total_bytes == len(b"persisted") + len(b"thumb")
+    entry = again.lookup(KEY)
+    assert entry is not None
+    assert entry.path.read_bytes() == b"persisted"
+    assert (entry.content_type, entry.filename) == ("image/png", "a.png")
+    assert metrics.value("relay_cache_hits") == 1
+
+
+async def test_start_removes_partial_and_corrupt_entries(tmp_path: Path) -> None:
+    """Stray temp files, bodies without sidecar and bad sidecars are removed at start."""
+    cache, _ = await _cache(tmp_path)
+    good = await cache.put_bytes(KEY, b"good", "text/plain")
+    assert good is not None
+    stray = tmp_path / "tmp" / "0123.part"
+    stray.write_bytes(b"partial download")
+    orphan = tmp_path / "ab" / ("ab" + "0" * 62)
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"no sidecar")
+    bad_key = CacheKey("example.org", "bad", "original")
+    bad = await cache.put_bytes(bad_key, b"truncated later", "text/plain")
+    assert bad is not None
+    bad.path.write_bytes(b"trunc")  # length no longer matches the sidecar
+    broken_key = CacheKey("example.org", "broken", "original")
+    broken = await cache.put_bytes(broken_key, b"x", "text/plain")
+    assert broken is not None
+    broken.path.with_name(broken.path.name + ".json").write_text("{not json")
+
+    again, _ = await _cache(tmp_path)
+    assert len(again) == 1
+    assert again.lookup(KEY) is not None
+    assert again.lookup(bad_key) is None
+    assert again.lookup(broken_key) is None
+    remaining = _files(tmp_path)
+    assert remaining == sorted([good.path, good.path.with_name(good.path.name + ".json")])
+
+
+async def test_lru_eviction_under_cap(tmp_path: Path) -> None:
+    """Past max_bytes the least recently used entry goes, and is counted."""
+    cache, metrics = await _cache(tmp_path, max_bytes=10)
+    a, b, c = (CacheKey("example.org", m, "original") for m in ("a", "b", "c"))
+    await cache.put_bytes(a, b"aaaa", "text/plain")
+    await cache.put_bytes(b, b"bbbb", "text/plain")
+    assert cache.lookup(a) is not None  # a is now more recent than b
+    await cache.put_bytes(c, b"cccc", "text/plain")
+    assert b not in cache
+    assert a in cache and c in cache
+    assert cache.total_bytes == 8
+    assert metrics.value("relay_cache_evictions") == 1
+    assert len(_files(tmp_path)) == 4  # two bodies, two sidecars
+
+
+async def test_entry_larger_than_cache_is_not_kept(tmp_path: Path) -> None:
+    """An entry bigger than the whole cache is dropped instead of evicting everything."""
+    cache, metrics = await _cache(tmp_path, max_bytes=10)
+    small = CacheKey("example.org", "small", "original")
+    await cache.put_bytes(small, b"tiny", "text/plain")
+    await cache.put_bytes(KEY, b"x" * 11, "text/plain")
+    assert KEY not in cache
+    assert small in cache
+    assert metrics.value("relay_cache_evictions") == 1
+    assert cache.total_bytes == 4
+
+
+async def test_restart_applies_a_smaller_cap(tmp_path: Path) -> None:
+    """Entries over a lowered cap are evicted at start, oldest access first."""
+    cache, _ = await _cache(tmp_path)
+    old = CacheKey("example.org", "old", "original")
+    new = CacheKey("example.org", "new", "original")
+    old_entry = await cache.put_bytes(old, b"oooooo", "text/plain")
+    new_entry = await cache.put_bytes(new, b"nnnnnn", "text/plain")
+    assert old_entry is not None and new_entry is not None
+    # Last access persists as the body's mtime.
+    os.utime(old_entry.path, (1_000_000, 1_000_000))
+    os.utime(new_entry.path, (2_000_000, 2_000_000))
+    again, metrics = await _cache(tmp_path, max_bytes=8)
+    assert old not in again
+    assert new in again
+    assert metrics.value("relay_cache_evictions") == 1
+    assert not old_entry.path.exists()
+
+
+async def test_vanished_file_is_a_miss(tmp_path: Path) -> None:
+    """A body removed behind the cache's back is reported as a miss, not an error."""
+    cache, metrics = await _cache(tmp_path)
+    entry = await cache.put_bytes(KEY, b"soon gone", "text/plain")
+    assert entry is not None
+    entry.path.unlink()
+    assert cache.lookup(KEY) is None
+    assert metrics.value("relay_cache_misses") == 1
+    assert KEY not in cache
+    assert cache.total_bytes == 0
+
+
+async def test_purge_removes_all_variants(tmp_path: Path) -> None:
+    """Purge removes every variant of one media item and nothing else."""
+    cache, _ = await _cache(tmp_path)
+    variants = ["original", "thumb-32x32-crop", "enc-aa-original"]
+    for v in variants:
+        await cache.put_bytes(CacheKey("example.org", "abc", v), v.encode(), "text/plain")
+    keep = CacheKey("example.org", "other", "original")
+    kept = await cache.put_bytes(keep, b"keep", "text/plain")
+    assert kept is not None
+    assert await cache.purge("example.org", "abc") == 3
+    assert len(cache) == 1
+    assert _files(tmp_path) == sorted([kept.path, kept.path.with_name(kept.path.name + ".json")])
+    assert await cache.purge("example.org", "abc") == 0
+
+
+async def test_purge_during_write_prevents_commit(tmp_path: Path) -> None:
+    """A download under way when its media is purged is never committed."""
+    cache, _ = await _cache(tmp_path)
+    writer = cache.begin(KEY)
+    await writer.write(b"revoked bytes")
+    assert await cache.purge("example.org", "abc") == 0
+    assert await writer.commit("text/plain", None) is None
+    assert KEY not in cache
+    assert _files(tmp_path) == []
+
+
+async def test_abort_leaves_nothing(tmp_path: Path) -> None:
+    """An aborted write removes its temporary file and creates no entry."""
+    cache, _ = await _cache(tmp_path)
+    writer = cache.begin(KEY)
+    await writer.write(b"half")
+    assert writer.path.exists()
+    writer.abort()
+    writer.abort()
+    assert _files(tmp_path) == []
+    assert cache.lookup(KEY) is None
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        CacheKey("..", "..", ".."),
+        CacheKey("example.org", "../../etc/passwd", "original"),
+        CacheKey("/etc", "passwd", "original"),
+        CacheKey("example.org", "abc", "../../../x"),
+    ],
+)
+async def test_hostile_keys_stay_under_root(tmp_path: Path, key: CacheKey) -> None:
+    """File names come from a hash, so no key can place a file outside the root."""
+    root = tmp_path / "cache"
+    cache, _ = await _cache(root)
+    entry = await cache.put_bytes(key, b"data", "text/plain")
+    assert entry is not None
+    assert entry.path.resolve().is_relative_to(root.resolve())
+    assert entry.path.name == key.digest()
+    assert all(p.resolve().is_relative_to(root.resolve()) for p in _files(tmp_path))
