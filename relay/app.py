@@ -129,6 +129,9 @@ class Relay:
             [
                 web.get("/_relay/health", health),
                 web.get("/_relay/ready", self._ready),
+                # The mautrix bridges' convention, so their probes and dashboards fit.
+                web.get("/_matrix/mau/live", health),
+                web.get("/_matrix/mau/ready", self._ready),
                 web.get("/metrics", self._metrics),
             ]
         )
