@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate the config without contacting the homeserver",
     )
 
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check the config, database, homeserver and both routes to the relay; say the fixes",
+    )
+
     sign = sub.add_parser("sign", parents=[common], help="print a signed URL for an mxc URI")
     sign.add_argument("mxc")
     sign.add_argument("--ttl", type=int, help="link lifetime in seconds (default: signing.ttl)")
@@ -207,6 +213,10 @@ def _command(name: str | None) -> Callable[[argparse.Namespace], int]:
         from relay.cli.sign import cmd_sign
 
         return cmd_sign
+    if name == "doctor":
+        from relay.cli.doctor import cmd_doctor
+
+        return cmd_doctor
     if name == "demo":
         from relay.devtools.demo import cmd_demo
 
