@@ -164,7 +164,7 @@ class _Doctor:
             )
             not_run = "not checked: the homeserver is unreachable"
             return [
-                Finding("homeserver", False, f"{address} unreachable: {e}", fix, EXIT_HOMESERVER),
+                Finding("homeserver", False, _unanswered(address, e), fix, EXIT_HOMESERVER),
                 Finding("authenticated media", False, not_run, exit_code=EXIT_HOMESERVER),
                 Finding("as_token", False, not_run, exit_code=EXIT_HOMESERVER),
             ]
@@ -241,7 +241,7 @@ class _Doctor:
         cfg = self.config
         name = "homeserver → appservice.address"
         if not self.token_ok:
-            return Finding(name, False, "not checked: the homeserver does not accept the as_token")
+            return Finding(name, False, "not checked: needs the homeserver to accept the as_token")
         try:
             answer = await self.client.ping_appservice(cfg.appservice.id)
         except HomeserverError as e:
@@ -280,7 +280,14 @@ class _Doctor:
                 "check public.url (the address people outside Matrix use), DNS and the "
                 "reverse proxy in front of public.hostname:public.port",
             )
-        return _probe_verdict(cfg, status, body, hint)
+        return probe_verdict(cfg, status, body, hint)
+
+
+def _unanswered(address: str, e: Exception) -> str:
+    # HomeserverUnreachable already names the address; an error status does not.
+    if isinstance(e, HomeserverUnreachable):
+        return f"unreachable: {e}"
+    return f"{address}/_matrix/client/versions answered {e}: is this the client-server API?"
 
 
 async def _matrix_error(resp: aiohttp.ClientResponse) -> dict[str, Any] | None:
@@ -294,7 +301,8 @@ async def _matrix_error(resp: aiohttp.ClientResponse) -> dict[str, Any] | None:
     return body if isinstance(body, dict) and isinstance(body.get("errcode"), str) else None
 
 
-def _probe_verdict(cfg: Config, status: int, body: dict[str, Any] | None, hint: str) -> Finding:
+def probe_verdict(cfg: Config, status: int, body: dict[str, Any] | None, hint: str) -> Finding:
+    """What the answer to the probe link says about the route from public.url to the relay."""
     name = "public.url → relay"
     listener = f"{cfg.public.hostname}:{cfg.public.port}"
     if body is None:
@@ -318,8 +326,9 @@ def _probe_verdict(cfg: Config, status: int, body: dict[str, Any] | None, hint: 
         return Finding(
             name,
             False,
-            f"the relay answered {status} M_UNRECOGNIZED: the proxy changed the link's path",
-            "pass the path through unchanged, or strip exactly public.url's path prefix",
+            f"{status} M_UNRECOGNIZED: the link did not reach the relay's link handler{hint}",
+            "public.url leads to another Matrix server or listener, or the reverse proxy "
+            "changes the path: pass it through unchanged, or strip exactly public.url's path",
         )
     # Signature verified: the media is unknown (404) or refused by policy (410).
     return Finding(name, True, f"{cfg.public.url} reaches this relay ({status} {errcode})")
