@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from importlib import resources
@@ -15,17 +14,12 @@ from pathlib import Path
 from relay import __version__
 from relay.app import Relay, stop_signals
 from relay.cli.common import load_config, setup_logging
+from relay.config.errors import ConfigError
+from relay.config.loading import load_filling_secrets
 from relay.config.registration import write_registration
-from relay.config.settings import (
-    Config,
-    ConfigError,
-    apply_env_overrides,
-    fill_generated_secrets,
-    read_document,
-    validate,
-    write_document,
-)
+from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_NEEDS_SETUP, EXIT_OK, StartupError
+from relay.support.atomic import write_atomic
 
 log = logging.getLogger("relay")
 
@@ -151,11 +145,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_registration(args: argparse.Namespace) -> int:
-    doc = read_document(args.config)
-    changed = fill_generated_secrets(doc)
-    config = validate(apply_env_overrides(doc, os.environ), base_dir=Path.cwd())
-    if changed:
-        write_document(args.config, doc)
+    config, written = load_filling_secrets(args.config, tokens=True)
+    if written:
         print(f"filled generated secrets in {args.config}")
     write_registration(config, args.registration)
     print(
@@ -167,11 +158,9 @@ def cmd_generate_registration(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.config.exists() and args.create_missing:
-        example = resources.files("relay").joinpath("config.example.yaml")
-        with resources.as_file(example) as src:
-            shutil.copyfile(src, args.config)
-        # It will hold the appservice tokens and signing keys once they are generated.
-        args.config.chmod(0o600)
+        example = resources.files("relay").joinpath("config.example.yaml").read_bytes()
+        # 0600 from the start: it will hold the appservice tokens and signing keys.
+        write_atomic(args.config, example)
         print(
             f"created {args.config} from the example. Edit at least homeserver.address, "
             "homeserver.domain, public.url and appservice.address, then start again.",
@@ -231,17 +220,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _command(args.command)(args)
     except ConfigError as e:
-        return _fail(args, EXIT_CONFIG, str(e))
+        return _fail(args, EXIT_CONFIG, *e.problems)
     except StartupError as e:
         return _fail(args, e.exit_code, str(e))
     except KeyboardInterrupt:
         return EXIT_OK
+    except PermissionError as e:
+        # Mostly a volume owned by another uid than the one the relay runs as.
+        return _fail(args, EXIT_ERROR, f"{e}: {permission_hint()}")
     except Exception as e:
         return _fail(args, EXIT_ERROR, f"{type(e).__name__}: {e}")
 
 
-def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+def permission_hint() -> str:
+    uid, gid = os.getuid(), os.getgid()
+    return (
+        f"the relay runs as uid {uid}, gid {gid}: give that user the file and its directory "
+        "(the container image runs as 1337:1337: on the host, "
+        "`sudo chown -R 1337:1337 <the directory mounted on /data>`)"
+    )
+
+
+def _fail(args: argparse.Namespace, code: int, *messages: str) -> int:
+    """One line on stderr per problem (a config can have several), the exit code."""
     if args.debug:
-        log.exception("%s", message)
-    print(f"media-relay: error: {message}", file=sys.stderr)
+        log.exception("%s", "; ".join(messages))
+    for message in messages:
+        print(f"media-relay: error: {message}", file=sys.stderr)
     return code
