@@ -1,7 +1,9 @@
 # matrix-media-relay container image.
 #
 #   podman build --format docker -t matrix-media-relay .      (or: docker build -t … .)
-#   docker run --rm -v "$PWD/data:/data" matrix-media-relay   (first run: writes the config)
+#   mkdir relay-data && sudo chown 1337:1337 relay-data       (the image runs as 1337:1337)
+#   docker run --rm -v ./relay-data:/data matrix-media-relay  (first run: writes the config)
+# The README's "Docker" section has the whole sequence (registration hand-over included).
 #
 # Build arguments:
 #   BASE           base image with python3 >= 3.11 and its venv module (default below).
@@ -31,7 +33,8 @@ RUN --mount=type=secret,id=ca-bundle \
 # ---------------------------------------------------------------- runtime
 FROM ${BASE}
 # The internal listener must be reachable from the homeserver's container, so it binds
-# all interfaces here. Publish its port (29340) on a private network only, never on the
+# all interfaces here: this variable overrides appservice.hostname in the config (which
+# says 127.0.0.1). Publish its port (29340) on a private network only, never on the
 # internet.
 ENV PATH=/opt/media-relay/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
