@@ -100,20 +100,20 @@ def test_dashboard_is_importable_json() -> None:
         assert all(t["expr"] for t in panel["targets"]), panel["title"]
 
 
+async def _exposed(session: aiohttp.ClientSession, url: str) -> set[str]:
+    """The sample names that the metric families declared at ``url`` can have."""
+    async with session.get(url) as resp:
+        assert resp.status == 200
+        families = list(text_string_to_metric_families(await resp.text()))
+    return {family.name + suffix for family in families for suffix in SUFFIXES[family.type]}
+
+
 @pytest.mark.synapse
 async def test_every_queried_metric_is_exposed(
     start_relay: StartRelay, http_session: aiohttp.ClientSession
 ) -> None:
     """Each metric name in the dashboard's queries is a sample name of a family in /metrics."""
-    relay = await start_relay()
-    async with http_session.get(relay.internal_url + "/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    exposed = {
-        family.name + suffix
-        for family in text_string_to_metric_families(text)
-        for suffix in SUFFIXES[family.type]
-    }
+    exposed = await _exposed(http_session, (await start_relay()).internal_url + "/metrics")
     queried: dict[str, set[str]] = {}
     for expr in _queries(json.loads(DASHBOARD.read_text())):
         names = metric_names(expr)
