@@ -2,8 +2,8 @@
 
 The relay must remember every media reference it sees in room events (so it
 signs only media that was really posted) and must give bridges an https URL
-beside each reference. Both jobs walk event content the same way, so both live
-here:
+beside each reference (:mod:`relay.core.rewrite`, which walks content through
+:func:`extract_from_content`). This module finds:
 
 - ``url`` / ``file`` (Client-Server API, "m.room.message msgtypes" and "Sending
   encrypted attachments"), ``info.thumbnail_url`` / ``info.thumbnail_file`` with
@@ -14,7 +14,11 @@ here:
 
 Event content is untrusted input from any room member. Every field is type
 checked; a reference that fails validation is counted and dropped, never
-returned, and an EncryptedFile's key never appears in a ``repr``.
+returned, and an EncryptedFile's key never appears in a ``repr``. Whatever is
+returned can be stored as it is: a metadata field that no database column could
+hold (an integer beyond the column's range, text with NUL or a lone surrogate) is
+dropped and counted (``Extraction.dropped``), and an envelope field that cannot be
+stored makes the whole event malformed, so one event can never fail an insert.
 """
 
 from __future__ import annotations
@@ -23,15 +27,21 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
 
-# Matrix spec, appendices, "Canonical JSON": integers lie in [-(2**53)+1, 2**53-1].
-_MAX_JSON_INT = 2**53 - 1
+# Matrix spec, appendices, "Canonical JSON": integers lie in [-(2**53)+1, 2**53-1]
+# (and the database stores sizes and timestamps as BIGINT).
+MAX_JSON_INT = 2**53 - 1
+# Width and height are 32-bit INTEGER columns; a larger claim is no real image anyway.
+MAX_DIMENSION = 2**31 - 1
+# Envelope strings (ids): Appendices, "Identifier grammar" bounds user, room and event
+# ids at 255 bytes.
+_MAX_ID_LENGTH = 255
 # RFC 6838 section 4.2: type and subtype names are at most 127 characters each.
 _MAX_MIMETYPE_LENGTH = 255
 _MAX_FILENAME_LENGTH = 255
@@ -141,6 +151,7 @@ class Extraction:
 
     references: tuple[MediaReference, ...]
     invalid: int
+    dropped: int = 0  # metadata fields left out because no column could store them
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +169,7 @@ class _Collector:
     references: list[MediaReference] = field(default_factory=list)
     seen: set[tuple[MediaId, Role, tuple[str, ...]]] = field(default_factory=set)
     invalid: int = 0
+    dropped: int = 0
 
     def add(self, ref: MediaReference) -> None:
         key = (ref.media, ref.role, ref.path)
@@ -190,7 +202,7 @@ def extract_from_content(content: Mapping[str, Any], event_type: str | None = No
         and isinstance(new_content, Mapping)
     ):
         _collect(new_content, event_type, ("m.new_content",), out)
-    return Extraction(references=tuple(out.references), invalid=out.invalid)
+    return Extraction(references=tuple(out.references), invalid=out.invalid, dropped=out.dropped)
 
 
 def extract_media(event: Mapping[str, Any]) -> Extraction:
@@ -202,8 +214,11 @@ def extract_media(event: Mapping[str, Any]) -> Extraction:
     if not isinstance(event, Mapping):
         raise MalformedEvent("event must be an object")
     for name in ("type", "event_id", "room_id", "sender"):
-        if not isinstance(event.get(name), str):
+        value = event.get(name)
+        if not isinstance(value, str):
             raise MalformedEvent(f"event field {name!r} must be a string")
+        if name != "type" and not (0 < len(value) <= _MAX_ID_LENGTH and storable_text(value)):
+            raise MalformedEvent(f"event field {name!r} is not a storable identifier")
     if not isinstance(event.get("content"), Mapping):
         raise MalformedEvent("event field 'content' must be an object")
     return extract_from_content(event["content"], event["type"])
@@ -245,48 +260,7 @@ def redacted_event_id(event: Mapping[str, Any]) -> str | None:
     return None
 
 
-def rewrite_content(
-    content: Mapping[str, Any],
-    url_for: Callable[[MediaReference], dict[str, Any] | None],
-    event_type: str | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A copy of ``content`` with ``<key>_https`` beside every reference, and a media list.
-
-    ``url_for(ref)`` returns a dict with at least ``"url"`` (its other keys, such as
-    ``expires_at``, go into the media list entry), or None to leave that reference
-    alone (unseen media). ``<key>_https`` values already present in the content are
-    removed first: a sender must not be able to pass off its own link as the relay's.
-    The input is never mutated. Raises :class:`MalformedEvent` like
-    :func:`extract_from_content`.
-    """
-    extraction = extract_from_content(content, event_type)
-    rewritten = _copy_json(content)
-    _strip_spoofed_links(rewritten)
-    media: list[dict[str, Any]] = []
-    for ref in extraction.references:
-        signed = url_for(ref)
-        if signed is None:
-            continue
-        holder: dict[str, Any] = rewritten
-        for part in ref.path[:-1]:
-            holder = holder[part]
-        holder[ref.path[-1] + "_https"] = signed["url"]
-        media.append(
-            {"mxc": str(ref.media), "role": ref.role.value, "path": list(ref.path), **signed}
-        )
-    return rewritten, media
-
-
 # --- walking content --------------------------------------------------------------------
-
-# Where references can sit, relative to a content object (or m.new_content).
-_REFERENCE_KEYS: tuple[tuple[str, ...], ...] = (
-    ("url",),
-    ("file",),
-    ("avatar_url",),
-    ("info", "thumbnail_url"),
-    ("info", "thumbnail_file"),
-)
 
 
 def _collect(
@@ -298,8 +272,8 @@ def _collect(
     main_role = Role.AVATAR if is_room_avatar else Role.CONTENT
     info = content.get("info")
     info = info if isinstance(info, Mapping) else None
-    meta = _meta(info)
-    filename = None if is_room_avatar else _filename(content, event_type)
+    meta = _meta(info, out)
+    filename = None if is_room_avatar else _filename(content, event_type, out)
 
     if "url" in content:
         site = _Site(main_role, (*prefix, "url"), meta, filename)
@@ -312,7 +286,7 @@ def _collect(
         _plain(out, content["avatar_url"], site, removable=True)
     if info is not None:
         thumb_info = info.get("thumbnail_info")
-        thumb_meta = _meta(thumb_info if isinstance(thumb_info, Mapping) else None)
+        thumb_meta = _meta(thumb_info if isinstance(thumb_info, Mapping) else None, out)
         if "thumbnail_url" in info:
             site = _Site(Role.THUMBNAIL, (*prefix, "info", "thumbnail_url"), thumb_meta, None)
             _plain(out, info["thumbnail_url"], site, removable=False)
@@ -396,71 +370,64 @@ def _parse_encrypted_file(value: object) -> tuple[MediaId, EncryptionInfo] | Non
         return None
 
 
-def _meta(info: Mapping[str, Any] | None) -> _Meta:
+def storable_text(value: str) -> bool:
+    """Whether a database text column can hold ``value``.
+
+    PostgreSQL refuses NUL in text, and neither database driver can encode a lone
+    surrogate (which JSON's ``\\ud800`` escapes produce) as UTF-8.
+    """
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _meta(info: Mapping[str, Any] | None, out: _Collector) -> _Meta:
     if info is None:
         return _Meta()
-    mimetype = info.get("mimetype")
-    if not isinstance(mimetype, str) or not 0 < len(mimetype) <= _MAX_MIMETYPE_LENGTH:
-        mimetype = None
     return _Meta(
-        mimetype=mimetype,
-        size=_count(info.get("size")),
-        width=_count(info.get("w")),
-        height=_count(info.get("h")),
+        mimetype=_text(info.get("mimetype"), _MAX_MIMETYPE_LENGTH, out),
+        size=_count(info.get("size"), MAX_JSON_INT, out),
+        width=_count(info.get("w"), MAX_DIMENSION, out),
+        height=_count(info.get("h"), MAX_DIMENSION, out),
     )
 
 
-def _count(value: object) -> int | None:
+def _count(value: object, maximum: int, out: _Collector) -> int | None:
     # bool is a subclass of int in Python but not a JSON integer.
     if isinstance(value, bool) or not isinstance(value, int):
         return None
-    return value if 0 <= value <= _MAX_JSON_INT else None
+    if 0 <= value <= maximum:
+        return value
+    out.dropped += 1
+    return None
 
 
-def _filename(content: Mapping[str, Any], event_type: str | None) -> str | None:
+def _filename(content: Mapping[str, Any], event_type: str | None, out: _Collector) -> str | None:
     # Client-Server API, "m.room.message msgtypes" (v1.10+): when `filename` is
     # present, `body` is a caption, so we never fall back to it.
     if "filename" in content:
-        return _text(content["filename"])
+        return _text(content["filename"], _MAX_FILENAME_LENGTH, out)
     msgtype = content.get("msgtype")
     if (
         event_type in (None, "m.room.message")
         and isinstance(msgtype, str)
         and msgtype in _FILE_MSGTYPES
     ):
-        return _text(content.get("body"))
+        return _text(content.get("body"), _MAX_FILENAME_LENGTH, out)
     return None
 
 
-def _text(value: object) -> str | None:
-    if isinstance(value, str) and 0 < len(value) <= _MAX_FILENAME_LENGTH:
+def _text(value: object, max_length: int, out: _Collector) -> str | None:
+    if not isinstance(value, str) or not 0 < len(value) <= max_length:
+        return None
+    if storable_text(value):
         return value
+    out.dropped += 1
     return None
-
-
-# --- rewriting --------------------------------------------------------------------------
-
-
-def _copy_json(value: Any) -> Any:
-    """Deep copy of JSON-shaped data as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(key): _copy_json(item) for key, item in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        return [_copy_json(item) for item in value]
-    return value
-
-
-def _strip_spoofed_links(content: dict[str, Any]) -> None:
-    holders: list[dict[str, Any]] = [content]
-    if isinstance(content.get("m.new_content"), dict):
-        holders.append(content["m.new_content"])
-    for holder in holders:
-        for path in _REFERENCE_KEYS:
-            parent: Any = holder
-            for part in path[:-1]:
-                parent = parent.get(part) if isinstance(parent, dict) else None
-            if isinstance(parent, dict):
-                parent.pop(path[-1] + "_https", None)
 
 
 # --- base64 (Matrix spec appendices, "Unpadded Base64" / "URL-safe Unpadded Base64") ---

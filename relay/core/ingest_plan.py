@@ -1,7 +1,10 @@
 """Decide what one appservice transaction changes, without any I/O.
 
-The ingest handler reads the rooms already served, calls :func:`plan_transaction`
-and hands the plan to the store, which applies it in one database transaction.
+The ingest handler reads the rooms already served (and their power levels), calls
+:func:`plan_transaction` and hands the plan to the store, which applies it in one
+database transaction. Nothing one event says can fail the plan: an event that cannot
+be understood, for whatever reason, is skipped and counted (DESIGN.md: a transaction
+is answered 200 unless the relay's own database failed).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.core.events import (
+    MAX_JSON_INT,
     MalformedEvent,
     MediaReference,
     extract_media,
     redacted_event_id,
     replaced_event_id,
 )
+from relay.core.redactions import PowerLevels
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,10 @@ class Redaction:
     redaction_id: str
     redacted_event_id: str
     origin_ts: int
+    sender: str = ""
+    # The sender's power at the time, from the room's tracked m.room.power_levels
+    # (relay.core.redactions); same-sender and same-server are judged when applied.
+    sender_may_redact: bool = False
 
 
 @dataclass(slots=True)
@@ -80,10 +89,12 @@ class TransactionPlan:
     namespace_rooms: set[str] = field(default_factory=set)  # served through the registration
     rooms_to_forget: set[str] = field(default_factory=set)
     invites_to_decline: set[str] = field(default_factory=set)
+    power_levels: dict[str, PowerLevels] = field(default_factory=dict)  # room id -> newest
     events: int = 0
     rejected: int = 0
     ignored: int = 0
     invalid_references: int = 0
+    trimmed: int = 0  # events recorded without a metadata field no column could store
 
 
 def room_ids(events: Sequence[object]) -> set[str]:
@@ -94,41 +105,74 @@ def room_ids(events: Sequence[object]) -> set[str]:
 
 
 def plan_transaction(
-    events: Sequence[object], served_rooms: set[str], policy: RoomPolicy
+    events: Sequence[object],
+    served_rooms: set[str],
+    policy: RoomPolicy,
+    power_levels: Mapping[str, PowerLevels] | None = None,
 ) -> TransactionPlan:
-    """Walk the events in order; a room invited earlier in the batch is served for later events."""
+    """Walk the events in order; a room invited earlier in the batch is served for later events.
+
+    ``power_levels`` are the stored ones of the batch's rooms; a power-levels event
+    earlier in the batch counts for the redactions after it.
+    """
     plan = TransactionPlan()
     served = set(served_rooms)
+    levels = dict(power_levels or {})
     for event in events:
         plan.events += 1
         try:
-            if not isinstance(event, Mapping):
-                raise MalformedEvent("event is not a JSON object")
-            extraction = extract_media(event)  # also validates the event's envelope
+            _plan_event(event, policy, plan, served, levels)
         except MalformedEvent as e:
             plan.rejected += 1
             log.warning("skipping malformed event: %s", e)
-            continue
-        room_id: str = event["room_id"]
-        if _membership_of_bot(event, policy, plan, served):
-            continue
-        if room_id not in served:
-            if not policy.in_namespace(room_id):
-                plan.ignored += 1
-                continue
-            plan.namespace_rooms.add(room_id)
-            served.add(room_id)
-        ts = _timestamp(event)
-        target = redacted_event_id(event)
-        if target is not None:
-            plan.redactions.append(Redaction(room_id, event["event_id"], target, ts))
-        plan.invalid_references += extraction.invalid
-        replaces = replaced_event_id(event)
-        for ref in extraction.references:
-            plan.references.append(
-                RecordedReference(room_id, event["event_id"], event["sender"], ts, ref, replaces)
-            )
+        except Exception:
+            # A bug of ours that this event's shape provokes: skipping the event keeps
+            # ingest moving (a 500 would be retried forever with the same event).
+            plan.rejected += 1
+            log.exception("skipping an event the relay could not process")
     return plan
+
+
+def _plan_event(
+    event: object,
+    policy: RoomPolicy,
+    plan: TransactionPlan,
+    served: set[str],
+    levels: dict[str, PowerLevels],
+) -> None:
+    """Add one event to ``plan`` (what can raise comes before the changes to it)."""
+    if not isinstance(event, Mapping):
+        raise MalformedEvent("event is not a JSON object")
+    extraction = extract_media(event)  # also validates the event's envelope
+    room_id: str = event["room_id"]
+    if _membership_of_bot(event, policy, plan, served):
+        return
+    if room_id not in served:
+        if not policy.in_namespace(room_id):
+            plan.ignored += 1
+            return
+        plan.namespace_rooms.add(room_id)
+        served.add(room_id)
+    ts = _timestamp(event)
+    sender: str = event["sender"]
+    target = redacted_event_id(event)
+    replaces = replaced_event_id(event)
+    references = [
+        RecordedReference(room_id, event["event_id"], sender, ts, ref, replaces)
+        for ref in extraction.references
+    ]
+    if event.get("type") == "m.room.power_levels" and event.get("state_key") == "":
+        levels[room_id] = plan.power_levels[room_id] = PowerLevels.from_content(event["content"])
+    if target is not None:
+        known = levels.get(room_id)
+        may_redact = known is not None and known.may_redact(sender)
+        plan.redactions.append(
+            Redaction(room_id, event["event_id"], target, ts, sender, may_redact)
+        )
+    plan.invalid_references += extraction.invalid
+    if extraction.dropped:
+        plan.trimmed += 1
+    plan.references.extend(references)
 
 
 def _membership_of_bot(
@@ -162,4 +206,7 @@ def _membership_of_bot(
 
 def _timestamp(event: Mapping[str, Any]) -> int:
     ts = event.get("origin_server_ts")
-    return ts if isinstance(ts, int) and not isinstance(ts, bool) and ts >= 0 else 0
+    # Stored as BIGINT: an integer beyond canonical JSON's range is no real timestamp.
+    if isinstance(ts, int) and not isinstance(ts, bool) and 0 <= ts <= MAX_JSON_INT:
+        return ts
+    return 0

@@ -76,3 +76,51 @@ async def upgrade_v2(conn: Connection, scheme: Scheme) -> None:
     # Redacting an edited message's original must revoke media only its edits brought in.
     await conn.execute("ALTER TABLE media_reference ADD COLUMN replaces TEXT")
     await conn.execute("CREATE INDEX media_reference_replaces_idx ON media_reference (replaces)")
+
+
+@upgrade_table.register(description="Redactions per reference; room power levels")  # type: ignore[call-arg, arg-type, untyped-decorator]
+async def upgrade_v3(conn: Connection, scheme: Scheme) -> None:
+    # A redaction removes the references of the event it redacts, not the media item:
+    # a reference is live while redacted_by is NULL, and media is revoked when it has no
+    # live reference left (relay.core.redactions has the rule a redaction must pass).
+    await conn.execute("ALTER TABLE media_reference ADD COLUMN redacted_by TEXT")
+    # Under v2 every stored redaction was applied by event id alone; its references
+    # are marked so (revoked_media keeps what was revoked then).
+    for column in ("event_id", "replaces"):
+        await conn.execute(
+            "UPDATE media_reference SET redacted_by = (SELECT r.redaction_id FROM redaction r"  # noqa: S608 - fixed column names
+            f" WHERE r.redacted_event_id = media_reference.{column})"
+            " WHERE redacted_by IS NULL AND EXISTS (SELECT 1 FROM redaction r"
+            f" WHERE r.redacted_event_id = media_reference.{column})"
+        )
+    # Several redactions of one event are kept (one that fails the rule must not hide
+    # a later one that passes), with what the rule needs: room, sender, sender's power.
+    await conn.execute(
+        """CREATE TABLE redaction_v3 (
+            redacted_event_id TEXT NOT NULL,
+            redaction_id      TEXT NOT NULL,
+            room_id           TEXT NOT NULL,
+            sender            TEXT NOT NULL,
+            sender_may_redact BOOLEAN NOT NULL,
+            redacted_at       BIGINT NOT NULL,
+            PRIMARY KEY (redacted_event_id, redaction_id)
+        )"""
+    )
+    # A v2 row's sender is unknown; it was accepted then, so it keeps applying to
+    # events that arrive later (still only in its own room).
+    await conn.execute(
+        "INSERT INTO redaction_v3 (redacted_event_id, redaction_id, room_id, sender,"
+        " sender_may_redact, redacted_at)"
+        " SELECT redacted_event_id, redaction_id, room_id, '', TRUE, redacted_at FROM redaction"
+    )
+    await conn.execute("DROP TABLE redaction")
+    await conn.execute("ALTER TABLE redaction_v3 RENAME TO redaction")
+    # The newest m.room.power_levels the relay received in each served room
+    # (relay.core.redactions.PowerLevels as JSON).
+    await conn.execute(
+        """CREATE TABLE room_power_levels (
+            room_id    TEXT PRIMARY KEY,
+            levels     TEXT NOT NULL,
+            updated_at BIGINT NOT NULL
+        )"""
+    )

@@ -12,10 +12,28 @@ from relay.core.events import EncryptionInfo
 from relay.core.ingest_plan import TransactionPlan
 from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
+from relay.core.redactions import PowerLevels, redaction_applies
 
 JOINING = "joining"
 JOINED = "joined"
 NAMESPACE = "namespace"
+
+
+@dataclass(frozen=True, slots=True)
+class _LiveReference:
+    event_id: str
+    path: str
+    media: MediaId
+    room_id: str
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class _StoredRedaction:
+    redaction_id: str
+    room_id: str
+    sender: str
+    sender_may_redact: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +92,45 @@ class Store:
                 return None
             await self._apply_rooms(conn, plan, now)
             await self._insert_references(conn, plan)
+            await self._save_power_levels(conn, plan, now)
             for r in plan.redactions:
                 await conn.execute(
-                    "INSERT INTO redaction (redacted_event_id, redaction_id, room_id, redacted_at)"
-                    " VALUES ($1, $2, $3, $4) ON CONFLICT (redacted_event_id) DO NOTHING",
+                    "INSERT INTO redaction (redacted_event_id, redaction_id, room_id, sender,"
+                    " sender_may_redact, redacted_at) VALUES ($1, $2, $3, $4, $5, $6)"
+                    " ON CONFLICT (redacted_event_id, redaction_id) DO NOTHING",
                     r.redacted_event_id,
                     r.redaction_id,
                     r.room_id,
+                    r.sender,
+                    r.sender_may_redact,
                     now,
                 )
-            revoked = await self._revoke_redacted(conn, plan, now)
+            revoked = await self._apply_redactions(conn, plan, now)
         return CommitResult(tuple(revoked), tuple(plan.rooms_to_serve))
+
+    async def power_levels(self, room_ids: Iterable[str]) -> dict[str, PowerLevels]:
+        """The newest tracked ``m.room.power_levels`` of each of these rooms that has one."""
+        ids = sorted(set(room_ids))
+        if not ids:
+            return {}
+        # Only generated "$n" placeholders are interpolated; the ids are parameters.
+        query = (
+            "SELECT room_id, levels FROM room_power_levels"  # noqa: S608
+            f" WHERE room_id IN ({_placeholders(len(ids))})"
+        )
+        rows = await self.db.fetch(query, *ids)
+        return {row["room_id"]: PowerLevels.from_json(row["levels"]) for row in rows}
+
+    async def _save_power_levels(self, conn: Connection, plan: TransactionPlan, now: int) -> None:
+        for room_id, levels in plan.power_levels.items():
+            await conn.execute(
+                "INSERT INTO room_power_levels (room_id, levels, updated_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (room_id) DO UPDATE"
+                " SET levels = excluded.levels, updated_at = excluded.updated_at",
+                room_id,
+                levels.to_json(),
+                now,
+            )
 
     async def _apply_rooms(self, conn: Connection, plan: TransactionPlan, now: int) -> None:
         for room_id in plan.rooms_to_forget:
@@ -148,57 +194,123 @@ class Store:
                 rows,
             )
 
-    async def _revoke_redacted(
+    async def _apply_redactions(
         self, conn: Connection, plan: TransactionPlan, now: int
     ) -> list[MediaId]:
-        """Revoke media of redacted events, whichever of event and redaction came first.
+        """Mark the references that redactions remove; revoke media left with none live.
 
-        An edit's media goes with its original: clients delete an edited message by
-        redacting the original event. Only indexed lookups: the small ``redaction``
-        table for this batch's events, and ``media_reference`` by event id and by
-        ``replaces`` for this batch's redactions (a join over the whole reference
-        table degrades as it grows).
+        Whichever of event and redaction came first: this batch's references are
+        checked against stored redactions, this batch's redactions against stored
+        references. An edit's references go with its original (clients delete an edited
+        message by redacting the original event). Each pair must pass the rule of
+        :mod:`relay.core.redactions`. Only indexed lookups (by event id, ``replaces``
+        and media): a join over the whole reference table degrades as it grows.
         """
-        targets: dict[MediaId, str] = {}
-        candidates = sorted(
+        removed: dict[tuple[str, str], str] = {}  # (event id, path) -> redaction id
+        first_event: dict[MediaId, str] = {}  # media -> a redacted event that referred to it
+
+        def judge(ref: _LiveReference, redaction: _StoredRedaction) -> None:
+            if (ref.event_id, ref.path) not in removed and redaction_applies(
+                redaction_room=redaction.room_id,
+                redaction_sender=redaction.sender,
+                sender_may_redact=redaction.sender_may_redact,
+                event_room=ref.room_id,
+                event_sender=ref.sender,
+            ):
+                removed[(ref.event_id, ref.path)] = redaction.redaction_id
+                first_event.setdefault(ref.media, ref.event_id)
+
+        stored = await self._redactions_of(
+            conn,
             {r.event_id for r in plan.references}
-            | {r.replaces for r in plan.references if r.replaces is not None}
+            | {r.replaces for r in plan.references if r.replaces is not None},
         )
-        if candidates:
-            # Only generated "$n" placeholders are interpolated; the ids are parameters.
-            query = (
-                "SELECT redacted_event_id FROM redaction"  # noqa: S608
-                f" WHERE redacted_event_id IN ({_placeholders(len(candidates))})"
+        for r in plan.references:
+            ref = _LiveReference(r.event_id, ".".join(r.ref.path), r.ref.media, r.room_id, r.sender)
+            for target in (r.event_id, r.replaces):
+                for redaction in stored.get(target or "", ()):
+                    judge(ref, redaction)
+        for d in plan.redactions:
+            stored_redaction = _StoredRedaction(
+                d.redaction_id, d.room_id, d.sender, d.sender_may_redact
             )
-            redacted = {row["redacted_event_id"] for row in await conn.fetch(query, *candidates)}
-            for r in plan.references:
-                if r.event_id in redacted:
-                    targets.setdefault(r.ref.media, r.event_id)
-                elif r.replaces is not None and r.replaces in redacted:
-                    targets.setdefault(r.ref.media, r.replaces)
-        for redaction in plan.redactions:
-            for column in ("event_id", "replaces"):
-                rows = await conn.fetch(
-                    f"SELECT server_name, media_id FROM media_reference WHERE {column} = $1",  # noqa: S608 - fixed column names
-                    redaction.redacted_event_id,
-                )
-                for row in rows:
-                    media = MediaId(row["server_name"], row["media_id"])
-                    targets.setdefault(media, redaction.redacted_event_id)
+            for ref in await self._live_references_of(conn, d.redacted_event_id):
+                judge(ref, stored_redaction)
+        for (event_id, path), redaction_id in removed.items():
+            await conn.execute(
+                "UPDATE media_reference SET redacted_by = $1"
+                " WHERE event_id = $2 AND path = $3 AND redacted_by IS NULL",
+                redaction_id,
+                event_id,
+                path,
+            )
         revoked: list[MediaId] = []
-        for media, event_id in targets.items():
+        for media in first_event:
+            live = await conn.fetchval(
+                "SELECT 1 FROM media_reference WHERE server_name = $1 AND media_id = $2"
+                " AND redacted_by IS NULL LIMIT 1",
+                media.server_name,
+                media.media_id,
+            )
+            if live is not None:
+                continue
+            # For good: revocation.py remembers "revoked" without asking again.
             inserted = await conn.fetchval(
                 "INSERT INTO revoked_media (server_name, media_id, event_id, revoked_at)"
                 " VALUES ($1, $2, $3, $4) ON CONFLICT (server_name, media_id) DO NOTHING"
                 " RETURNING media_id",
                 media.server_name,
                 media.media_id,
-                event_id,
+                first_event[media],
                 now,
             )
             if inserted is not None:
                 revoked.append(media)
         return revoked
+
+    async def _redactions_of(
+        self, conn: Connection, event_ids: set[str]
+    ) -> dict[str, list[_StoredRedaction]]:
+        if not event_ids:
+            return {}
+        ids = sorted(event_ids)
+        # Only generated "$n" placeholders are interpolated; the ids are parameters.
+        query = (
+            "SELECT redacted_event_id, redaction_id, room_id, sender, sender_may_redact"  # noqa: S608
+            f" FROM redaction WHERE redacted_event_id IN ({_placeholders(len(ids))})"
+        )
+        found: dict[str, list[_StoredRedaction]] = {}
+        for row in await conn.fetch(query, *ids):
+            found.setdefault(row["redacted_event_id"], []).append(
+                _StoredRedaction(
+                    row["redaction_id"],
+                    row["room_id"],
+                    row["sender"],
+                    bool(row["sender_may_redact"]),
+                )
+            )
+        return found
+
+    async def _live_references_of(self, conn: Connection, event_id: str) -> list[_LiveReference]:
+        """Live references of ``event_id`` and of the edits that replace it."""
+        refs: list[_LiveReference] = []
+        for column in ("event_id", "replaces"):
+            rows = await conn.fetch(
+                "SELECT event_id, path, server_name, media_id, room_id, sender"  # noqa: S608 - fixed column names
+                f" FROM media_reference WHERE {column} = $1 AND redacted_by IS NULL",
+                event_id,
+            )
+            refs += [
+                _LiveReference(
+                    row["event_id"],
+                    row["path"],
+                    MediaId(row["server_name"], row["media_id"]),
+                    row["room_id"],
+                    row["sender"],
+                )
+                for row in rows
+            ]
+        return refs
 
     # ------------------------------------------------------------ rooms
 
@@ -220,11 +332,15 @@ class Store:
     # ------------------------------------------------------------ media
 
     async def media_record(self, media: MediaId) -> MediaRecord | None:
-        """The newest reference in a room still served, or None if the relay never saw it there."""
+        """The newest live reference in a room still served, or None if there is none.
+
+        A redacted reference is not live: what it said (its key, type, file name) no
+        longer speaks for the media item.
+        """
         row = await self.db.fetchrow(
             "SELECT m.room_id, m.event_id, m.mimetype, m.size, m.filename, m.encryption"
             " FROM media_reference m JOIN served_room s ON s.room_id = m.room_id"
-            " WHERE m.server_name = $1 AND m.media_id = $2"
+            " WHERE m.server_name = $1 AND m.media_id = $2 AND m.redacted_by IS NULL"
             " ORDER BY m.origin_ts DESC LIMIT 1",
             media.server_name,
             media.media_id,
@@ -243,6 +359,11 @@ class Store:
         )
 
     async def is_revoked(self, media: MediaId) -> bool:
+        """Whether links to ``media`` must stop working: it lost its last live reference.
+
+        For good: a later re-post does not bring the links back (``revoked_media`` rows
+        are never deleted, and relay.media.revocation remembers "revoked" for good).
+        """
         row = await self.db.fetchval(
             "SELECT 1 FROM revoked_media WHERE server_name = $1 AND media_id = $2",
             media.server_name,

@@ -7,7 +7,6 @@ homeserver retry and nothing is lost or counted twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +21,7 @@ from relay.core.mxc import MediaId
 from relay.store import CommitResult, Store
 from relay.support.metrics import Metrics
 from relay.web.auth import check_token
+from relay.web.json_body import parse_json_object, read_json_object, salvage_items
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,20 @@ class AppserviceAPI:
     async def put_transaction(self, request: web.Request) -> web.Response:
         check_token(request, self._hs_token)
         txn_id = request.match_info["txn_id"]
+        if "\x00" in txn_id:
+            # PostgreSQL text cannot hold NUL, so storing it would fail on every retry.
+            # Homeservers number their transactions (Synapse: an integer sequence), so
+            # only a hand-made request with the hs_token gets here: refusing it stalls
+            # no homeserver.
+            raise MatrixError(400, Codes.INVALID_PARAM, "Transaction id must not contain NUL")
         events = await self._read_events(request)
         started = time.perf_counter()
         try:
             # A repeated id is detected by the commit itself (ON CONFLICT … RETURNING).
-            served = await self.store.served_rooms(room_ids(events))
-            plan = plan_transaction(events, served, self.policy)
+            rooms = room_ids(events)
+            served = await self.store.served_rooms(rooms)
+            levels = await self.store.power_levels(rooms)
+            plan = plan_transaction(events, served, self.policy, levels)
             result = await self.store.commit_transaction(txn_id, plan)
         except Exception:
             # 500 makes the homeserver retry the same id later; nothing was committed.
@@ -101,12 +109,20 @@ class AppserviceAPI:
     async def _read_events(self, request: web.Request) -> list[Any]:
         raw = await request.read()  # bounded by the app's client_max_size → 413
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise MatrixError(400, Codes.BAD_JSON, "Body must be a JSON object")
-        events = body.get("events")
+            events = parse_json_object(raw).get("events")
+        except MatrixError as refused:
+            # A body that fails as a whole (one event nested too deep, an integer too long
+            # to parse, one broken event) would fail the same way on every retry, and the
+            # homeserver retries forever while every later event (redactions too) waits.
+            # So the events that parse on their own are kept and the others dropped and
+            # counted; only a body that is not a transaction at all is refused (a 400
+            # that no homeserver's own transaction provokes).
+            salvaged = salvage_items(raw, "events")
+            if salvaged is None:
+                raise refused from None
+            events, dropped = salvaged
+            self.metrics.events.labels("rejected").inc(dropped)
+            log.warning("dropped %d unparsable event(s) of a transaction: %s", dropped, refused)
         if not isinstance(events, list):
             raise MatrixError(400, Codes.BAD_JSON, "'events' must be a list")
         return events
@@ -117,6 +133,9 @@ class AppserviceAPI:
         m.events.labels("processed").inc(plan.events - plan.rejected)
         if plan.rejected:
             m.events.labels("rejected").inc(plan.rejected)
+        if plan.trimmed:
+            # Recorded, but without a field no column could hold (relay.core.events).
+            m.events.labels("trimmed").inc(plan.trimmed)
         if plan.invalid_references:
             m.invalid_mxc.inc(plan.invalid_references)
         for ref in plan.references:
@@ -129,7 +148,10 @@ class AppserviceAPI:
             self.hooks.decline_invites(sorted(plan.invites_to_decline))
         if result.revoked:
             self.metrics.revocations.inc(len(result.revoked))
-            log.info("revoked %d media item(s) after redaction", len(result.revoked))
+            log.info(
+                "revoked %d media item(s): their last live reference was redacted",
+                len(result.revoked),
+            )
             try:
                 await self.hooks.revoked(result.revoked)
             except Exception:
@@ -149,12 +171,8 @@ class AppserviceAPI:
 
     async def ping(self, request: web.Request) -> web.Response:
         check_token(request, self._hs_token)
-        try:
-            body = await request.json()
-        except ValueError:
-            raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise MatrixError(400, Codes.BAD_JSON, "Body must be a JSON object")
+        # The spec's request body is optional ({"transaction_id"?}); Synapse sends one.
+        body = await read_json_object(request, optional=True)
         log.info("homeserver ping (transaction_id=%s)", body.get("transaction_id"))
         return web.json_response({})
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from aiohttp import web
 
@@ -19,6 +20,32 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
+def token_matches(presented: str, expected: str) -> bool:
+    """Constant-time comparison that never raises.
+
+    aiohttp decodes header bytes that are not UTF-8 into lone surrogates (and a query
+    string may carry them too); such a token cannot equal a configured one, so it is
+    simply wrong (403), never a crash (500) that logs a traceback per request.
+    """
+    try:
+        candidate = presented.encode("utf-8")
+    except UnicodeEncodeError:
+        return False  # says nothing about the secret, so no need to spend constant time
+    return hmac.compare_digest(candidate, expected.encode())
+
+
+def matching_token(presented: str, expected: Iterable[str]) -> int | None:
+    """Index of the configured token ``presented`` equals, or None.
+
+    Every configured token is compared, so timing does not tell which one is close.
+    """
+    found: int | None = None
+    for index, token in enumerate(expected):
+        if token_matches(presented, token):
+            found = index
+    return found
+
+
 def check_token(request: web.Request, expected: str) -> None:
     """Header and deprecated ``access_token`` query parameter; both must match if both are sent.
 
@@ -32,6 +59,6 @@ def check_token(request: web.Request, expected: str) -> None:
         raise MatrixError(401, Codes.MISSING_TOKEN, "Missing hs_token")
     ok = True
     for token in candidates:
-        ok &= hmac.compare_digest(token.encode(), expected.encode())
+        ok &= token_matches(token, expected)
     if not ok:
         raise MatrixError(403, Codes.FORBIDDEN, "Invalid hs_token")

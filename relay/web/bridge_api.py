@@ -11,14 +11,12 @@ is never signed (410).
 event whose ``info.mimetype`` is a JPEG, PNG, GIF or WebP, and every ``m.sticker``)
 gets ``thumbnail_url`` and ``thumbnail_expires_at`` in its ``media`` list entry: a
 :data:`REWRITE_THUMBNAIL` (320x240 ``scale``) rendered by the relay. The content
-itself only gains ``<key>_https`` links to the attachments (events.rewrite_content);
+itself only gains ``<key>_https`` links to the attachments (rewrite.rewrite_content);
 a bridge that wants another size asks ``/sign`` with ``thumbnail``.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -32,11 +30,11 @@ from relay.core.events import (
     MediaReference,
     Role,
     extract_from_content,
-    rewrite_content,
 )
 from relay.core.minting import LinkMinter, SignedLink
 from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
 from relay.core.records import MediaRecord
+from relay.core.rewrite import rewrite_content
 from relay.core.signing import (
     MAX_THUMBNAIL_SIDE,
 )
@@ -44,7 +42,8 @@ from relay.core.variant import THUMBNAIL_METHODS, Thumbnail, Variant
 from relay.http.headers import safe_filename
 from relay.media.revocation import RevocationCheck
 from relay.support.metrics import Metrics
-from relay.web.auth import bearer_token
+from relay.web.auth import bearer_token, matching_token
+from relay.web.json_body import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ class BridgeAPI:
     async def sign(self, request: web.Request) -> web.Response:
         """``{"mxc", "ttl"?, "filename"?, "thumbnail"?}`` → ``{"url", "expires_at"}``."""
         bridge = self._authenticate(request)
-        body = await _json_object(request)
+        body = await read_json_object(request)
         raw_mxc = body.get("mxc")
         if raw_mxc is None:
             raise MatrixError(400, Codes.MISSING_PARAM, "'mxc' is required")
@@ -117,13 +116,13 @@ class BridgeAPI:
         return web.json_response(link.as_json())
 
     async def rewrite(self, request: web.Request) -> web.Response:
-        """``{"content", "type"?, "ttl"?}`` → ``{"content", "media"}`` (see events.rewrite_content).
+        """``{"content", "type"?, "ttl"?}`` → ``{"content", "media"}`` (relay.core.rewrite).
 
         References the relay may not sign (unseen, redacted, or encrypted without a
         stored key) are left as they are and not listed.
         """
         bridge = self._authenticate(request)
-        body = await _json_object(request)
+        body = await read_json_object(request)
         content = body.get("content")
         if not isinstance(content, dict):
             raise MatrixError(400, Codes.BAD_JSON, "'content' must be an object")
@@ -160,15 +159,10 @@ class BridgeAPI:
         token = bearer_token(request)
         if token is None:
             raise MatrixError(401, Codes.MISSING_TOKEN, "Missing bridge token")
-        found: BridgeConfig | None = None
-        presented = token.encode()
-        # Every configured token is compared, so timing does not tell which one is close.
-        for bridge in self._bridges:
-            if hmac.compare_digest(presented, bridge.token.encode()):
-                found = bridge
-        if found is None:
+        index = matching_token(token, (bridge.token for bridge in self._bridges))
+        if index is None:
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid bridge token")
-        return found
+        return self._bridges[index]
 
     def _ttl(self, bridge: BridgeConfig, raw: object) -> int:
         """The asked lifetime, clamped to the bridge's ``ttl``; default ``signing.ttl``."""
@@ -234,17 +228,6 @@ class BridgeAPI:
             raise MatrixError(400, Codes.INVALID_PARAM, str(e)) from None
         self._metrics.signed.labels(bridge.name).inc()
         return link
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise MatrixError(400, Codes.NOT_JSON, "Body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise MatrixError(400, Codes.BAD_JSON, "Body must be a JSON object")
-    return body
 
 
 def _filename(raw: object) -> str | None:

@@ -34,8 +34,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except MatrixError as e:
         return error_response(e, head=head)
-    except web.HTTPMethodNotAllowed:
-        return error_response(MatrixError(405, Codes.UNRECOGNIZED, "Method not allowed"), head=head)
+    except web.HTTPMethodNotAllowed as e:
+        # RFC 9110 section 15.5.6: a 405 MUST carry Allow, listing the route's methods.
+        allow = {"Allow": ", ".join(sorted(e.allowed_methods))}
+        return error_response(
+            MatrixError(405, Codes.UNRECOGNIZED, "Method not allowed", headers=allow), head=head
+        )
     except web.HTTPNotFound:
         return error_response(
             MatrixError(404, Codes.UNRECOGNIZED, "Unrecognized request"), head=head

@@ -66,20 +66,21 @@ def image(
     }
 
 
-def redaction(room_id: str, target: str) -> dict[str, Any]:
+def redaction(room_id: str, target: str, sender: str = "@alice:example.org") -> dict[str, Any]:
     return {
         "type": "m.room.redaction",
         "room_id": room_id,
         "event_id": "$r" + secrets.token_hex(6),
-        "sender": "@alice:example.org",
+        "sender": sender,
         "origin_server_ts": 20,
         "content": {"redacts": target},
     }
 
 
 async def commit(store: Store, events: list[dict[str, Any]]) -> TransactionPlan:
-    served = await store.served_rooms({e["room_id"] for e in events})
-    plan = plan_transaction(events, served, POLICY)
+    rooms = {e["room_id"] for e in events}
+    served = await store.served_rooms(rooms)
+    plan = plan_transaction(events, served, POLICY, await store.power_levels(rooms))
     assert await store.commit_transaction(secrets.token_hex(8), plan) is not None
     return plan
 
@@ -295,5 +296,155 @@ async def test_v1_database_upgrades_in_place(database_url: str) -> None:
             await db.fetchval("SELECT replaces FROM media_reference WHERE event_id = '$old'")
             is None
         )
+    finally:
+        await db.stop()
+
+
+def from_sender(event: dict[str, Any], sender: str) -> dict[str, Any]:
+    return {**event, "sender": sender}
+
+
+def power_levels(room_id: str, users: dict[str, int]) -> dict[str, Any]:
+    return {
+        "type": "m.room.power_levels",
+        "state_key": "",
+        "room_id": room_id,
+        "event_id": "$pl" + secrets.token_hex(6),
+        "sender": "@admin:example.org",
+        "origin_server_ts": 5,
+        "content": {"users": users, "users_default": 0, "redact": 50},
+    }
+
+
+@pytest.mark.parametrize("redaction_first", [False, True])
+async def test_moderators_redaction_revokes(store: Store, redaction_first: bool) -> None:
+    """A moderator on another server (power from tracked m.room.power_levels) revokes."""
+    room = "!mod:example.org"
+    await commit(store, [invite(room), power_levels(room, {"@mod:other.org": 50})])
+    batches = [[image(room, "$post", "modgone")], [redaction(room, "$post", "@mod:other.org")]]
+    if redaction_first:
+        batches.reverse()
+    for events in batches:
+        await commit(store, events)
+    assert await store.is_revoked(MediaId("example.org", "modgone"))
+    assert await store.media_record(MediaId("example.org", "modgone")) is None
+
+
+@pytest.mark.parametrize("redaction_first", [False, True])
+async def test_redactions_that_must_not_revoke(store: Store, redaction_first: bool) -> None:
+    """A powerless user on another server, and a redaction sent in another room, revoke nothing.
+
+    And neither hides a valid redaction of the same event that comes after it.
+    """
+    room, other_room = "!keep:example.org", "!other:example.org"
+    await commit(
+        store,
+        [invite(room), invite(other_room), power_levels(room, {"@mallory:evil.org": 49})],
+    )
+    invalid = [redaction(room, "$kept", "@mallory:evil.org"), redaction(other_room, "$kept")]
+    batches = [[image(room, "$kept", "kept")], invalid]
+    if redaction_first:
+        batches.reverse()
+    for events in batches:
+        await commit(store, events)
+    media = MediaId("example.org", "kept")
+    assert not await store.is_revoked(media)
+    assert await store.media_record(media) is not None
+    await commit(store, [redaction(room, "$kept", "@admin:example.org")])  # same server
+    assert await store.is_revoked(media)
+
+
+async def test_reposting_and_redacting_ones_copy_keeps_other_links(store: Store) -> None:
+    """Re-posting someone's mxc and redacting one's own copy removes that reference only."""
+    room, elsewhere = "!share:example.org", "!share2:example.org"
+    media = MediaId("example.org", "shared")
+    await commit(store, [invite(room), invite(elsewhere), image(room, "$first", "shared", ts=10)])
+    repost = from_sender(image(elsewhere, "$copy", "shared", ts=30, body="copy.jpg"), "@m:evil.org")
+    plan = await commit(store, [repost])
+    assert [r.event_id for r in plan.references] == ["$copy"]
+    assert (await store.media_record(media)).event_id == "$copy"  # type: ignore[union-attr]
+    redacted = await commit(store, [redaction(elsewhere, "$copy", "@m:evil.org")])
+    assert redacted.redactions
+    assert not await store.is_revoked(media)
+    record = await store.media_record(media)
+    assert record is not None and record.event_id == "$first"  # the redacted copy no longer speaks
+    # The last live reference going revokes the media, and the commit reports it.
+    rooms = {room}
+    plan = plan_transaction(
+        [redaction(room, "$first")], await store.served_rooms(rooms), POLICY, {}
+    )
+    result = await store.commit_transaction(secrets.token_hex(8), plan)
+    assert result is not None and result.revoked == (media,)
+    assert await store.is_revoked(media)
+
+
+async def test_redacting_one_edit_source_keeps_media_posted_elsewhere(store: Store) -> None:
+    """An edit's media goes with its original, but not if another live reference remains."""
+    room = "!edit3:example.org"
+    await commit(
+        store,
+        [invite(room), image(room, "$o3", "orig3"), edit(room, "$e3", "$o3", "both3")],
+    )
+    await commit(store, [image(room, "$other3", "both3")])
+    await commit(store, [redaction(room, "$o3")])
+    assert await store.is_revoked(MediaId("example.org", "orig3"))
+    assert not await store.is_revoked(MediaId("example.org", "both3"))
+
+
+async def test_v2_database_upgrades_to_per_reference_redactions(database_url: str) -> None:
+    """A v2 database keeps its revocations; its redactions still apply, per room, per reference."""
+    from mautrix.util.async_db import Database, UpgradeTable
+
+    from relay.store.migrations import upgrade_table
+
+    v2_only = UpgradeTable(version_table_name="relay_schema_version", database_name="relay")
+    v2_only.upgrades.extend(upgrade_table.upgrades[:2])
+    url = database_url.replace("postgresql://", "postgres://", 1)
+    old = Database.create(url, upgrade_table=v2_only)
+    await old.start()
+    rows = [
+        ("$done", "url", "done", "!r"),  # redacted and revoked under v2
+        ("$pending", "url", "pending", "!r"),  # not redacted
+    ]
+    for event_id, path, media_id, room_id in rows:
+        await old.execute(
+            "INSERT INTO media_reference (event_id, path, server_name, media_id, room_id,"
+            " sender, role, origin_ts) VALUES ($1, $2, 'example.org', $3, $4, '@a:example.org',"
+            " 'content', 1)",
+            event_id,
+            path,
+            media_id,
+            room_id,
+        )
+    await old.execute(
+        "INSERT INTO redaction (redacted_event_id, redaction_id, room_id, redacted_at)"
+        " VALUES ('$done', '$red1', '!r', 2), ('$later', '$red2', '!r', 2)"
+    )
+    await old.execute(
+        "INSERT INTO revoked_media (server_name, media_id, event_id, revoked_at)"
+        " VALUES ('example.org', 'done', '$done', 2)"
+    )
+    await old.execute(
+        "INSERT INTO served_room (room_id, state, updated_at) VALUES ('!r', 'joined', 1)"
+    )
+    await old.stop()
+
+    db = await open_database(database_url)
+    try:
+        store = Store(db)
+        assert await db.fetchval("SELECT version FROM relay_schema_version") == len(
+            upgrade_table.upgrades
+        )
+        assert await store.is_revoked(MediaId("example.org", "done"))
+        assert (
+            await db.fetchval("SELECT redacted_by FROM media_reference WHERE event_id = '$done'")
+            == "$red1"
+        )
+        assert await store.media_record(MediaId("example.org", "pending")) is not None
+        # The stored redaction of an event not seen yet applies when it arrives (same room).
+        later = image("!r", "$later", "later")
+        plan = plan_transaction([later], {"!r"}, POLICY)
+        result = await store.commit_transaction("after-upgrade", plan)
+        assert result is not None and result.revoked == (MediaId("example.org", "later"),)
     finally:
         await db.stop()

@@ -23,9 +23,9 @@ from relay.core.events import (
     extract_from_content,
     extract_media,
     redacted_event_id,
-    rewrite_content,
 )
 from relay.core.mxc import MediaId
+from relay.core.rewrite import rewrite_content
 
 SPEC_EXAMPLES = Path(__file__).parent / "data" / "events" / "spec"
 
@@ -576,7 +576,7 @@ def test_encrypted_event_has_no_references() -> None:
     [
         (0, 0),
         (31037, 31037),
-        (2**53 - 1, 2**53 - 1),
+        (2**31 - 1, 2**31 - 1),
         (2**53, None),
         (-1, None),
         (True, None),
@@ -589,7 +589,10 @@ def test_encrypted_event_has_no_references() -> None:
     ],
 )
 def test_numeric_fields_validated(value: Any, expected: int | None) -> None:
-    """`size`, `w`, `h` (and thumbnail_info's) keep only non-negative JSON integers."""
+    """`size`, `w`, `h` (and thumbnail_info's) keep only non-negative JSON integers.
+
+    (Sizes up to 2**53 - 1 and sides up to 2**31 - 1: see test_unstorable_metadata_…)
+    """
     info = {"size": value, "w": value, "h": value, "thumbnail_url": "mxc://example.org/t",
             "thumbnail_info": {"size": value, "w": value, "h": value}}  # fmt: skip
     content = {"msgtype": "m.image", "body": "a", "url": "mxc://example.org/a", "info": info}
@@ -997,3 +1000,49 @@ def test_arbitrary_content_never_crashes(content: dict[str, Any], event_type: st
     for entry in media:
         *parents, last = entry["path"]
         assert _resolve(rewritten, tuple(parents))[last + "_https"] == entry["url"]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected", "dropped"),
+    [
+        ({"info": {"w": 2**31, "h": 2**31 - 1}}, {"width": None, "height": 2**31 - 1}, 1),
+        ({"info": {"size": 2**53, "w": -1}}, {"size": None, "width": None}, 2),
+        ({"info": {"size": 2**53 - 1}}, {"size": 2**53 - 1}, 0),
+        ({"body": "a\x00.png"}, {"filename": None}, 1),
+        ({"filename": "\ud800.png", "body": "caption"}, {"filename": None}, 1),
+        ({"info": {"mimetype": "image/png\x00"}}, {"mimetype": None}, 1),
+        ({"info": {"mimetype": "image/png", "w": 10}}, {"mimetype": "image/png", "width": 10}, 0),
+    ],
+)
+def test_unstorable_metadata_is_dropped_and_counted(
+    content: dict[str, Any], expected: dict[str, Any], dropped: int
+) -> None:
+    """Integers beyond their column, NUL, lone surrogates: the field goes, the reference stays."""
+    base = {"msgtype": "m.image", "body": "a.png", "url": "mxc://example.org/abc"}
+    extraction = extract_from_content({**base, **content}, "m.room.message")
+    (ref,) = extraction.references
+    assert {name: getattr(ref, name) for name in expected} == expected
+    assert extraction.dropped == dropped
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sender", "@a\x00:example.org"),
+        ("room_id", "!r\ud800:example.org"),
+        ("event_id", "$" + "e" * 255),
+        ("event_id", ""),
+    ],
+)
+def test_unstorable_envelope_is_malformed(field: str, value: str) -> None:
+    """An id that no text column can hold (or over 255 characters) makes the event malformed."""
+    event = {
+        "type": "m.room.message",
+        "event_id": "$e",
+        "room_id": "!r:example.org",
+        "sender": "@a:example.org",
+        "content": {"msgtype": "m.image", "body": "a.png", "url": "mxc://example.org/abc"},
+        field: value,
+    }
+    with pytest.raises(MalformedEvent):
+        extract_media(event)

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from relay.core.ingest_plan import RoomPolicy, plan_transaction
+from relay.core.redactions import PowerLevels
 
 BOT = "@mediarelay:example.org"
 
@@ -143,3 +144,80 @@ def test_edits_remember_the_original(relates_to: object, expected: str | None) -
     event["content"]["m.relates_to"] = relates_to
     plan = plan_transaction([event], {"!r"}, policy)
     assert [r.replaces for r in plan.references] == [expected]
+
+
+class _Exploding(dict[str, Any]):
+    """An event whose content lookup fails with an error no validation anticipates."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "content":
+            raise RuntimeError("boom")
+        return super().get(key, default)
+
+
+def test_an_event_that_raises_is_skipped_and_counted() -> None:
+    """Any exception from one event's planning skips that event; the others are kept."""
+    policy = RoomPolicy.build(BOT, [], [r"!r"])
+    plan = plan_transaction([_Exploding(image("!r", "$bad")), image("!r", "$ok")], set(), policy)
+    assert (plan.events, plan.rejected) == (2, 1)
+    assert [r.event_id for r in plan.references] == ["$ok"]
+
+
+def test_out_of_range_timestamp_is_zero_and_trimmed_counted() -> None:
+    """origin_server_ts beyond canonical JSON is recorded as 0; a dropped field is counted."""
+    policy = RoomPolicy.build(BOT, [], [r"!r"])
+    event = image("!r")
+    event["origin_server_ts"] = 2**64
+    event["content"]["info"] = {"w": 2**31}
+    plan = plan_transaction([event], set(), policy)
+    assert [r.origin_ts for r in plan.references] == [0]
+    assert plan.trimmed == 1
+
+
+def power_levels(room: str, users: dict[str, int], event_id: str = "$pl") -> dict[str, Any]:
+    return {
+        "type": "m.room.power_levels",
+        "state_key": "",
+        "room_id": room,
+        "event_id": event_id,
+        "sender": "@admin:example.org",
+        "origin_server_ts": 3,
+        "content": {"users": users, "redact": 50},
+    }
+
+
+def redaction(room: str, sender: str, target: str = "$img") -> dict[str, Any]:
+    return {
+        "type": "m.room.redaction",
+        "room_id": room,
+        "event_id": f"$red-{sender}",
+        "sender": sender,
+        "origin_server_ts": 9,
+        "redacts": target,
+        "content": {},
+    }
+
+
+def test_power_levels_earlier_in_the_batch_decide_redaction_power() -> None:
+    """A power-levels event counts for the redactions after it, and is kept for the store."""
+    policy = RoomPolicy.build(BOT, [], [r"!r"])
+    stored = {"!r": PowerLevels.from_content({"users": {"@old:other.org": 100}})}
+    plan = plan_transaction(
+        [
+            redaction("!r", "@old:other.org"),
+            redaction("!r", "@mod:other.org"),
+            power_levels("!r", {"@mod:other.org": 50}),
+            redaction("!r", "@mod:other.org", "$img2"),
+            redaction("!r", "@old:other.org", "$img2"),
+        ],
+        set(),
+        policy,
+        stored,
+    )
+    assert [(r.sender, r.sender_may_redact) for r in plan.redactions] == [
+        ("@old:other.org", True),
+        ("@mod:other.org", False),
+        ("@mod:other.org", True),
+        ("@old:other.org", False),
+    ]
+    assert plan.power_levels["!r"].may_redact("@mod:other.org")
