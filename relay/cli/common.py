@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
-from relay.config.settings import (
-    Config,
-    apply_env_overrides,
-    fill_generated_secrets,
-    read_document,
-    validate,
-    write_document,
-)
+from relay.config.loading import load, load_filling_secrets
+from relay.config.settings import Config
 
 log = logging.getLogger("relay")
 
@@ -37,10 +30,9 @@ def load_config(path: Path, *, fill_signing_keys: bool = False) -> Config:
     The file is written only after the filled document validates, so a bad config
     is never overwritten.
     """
-    doc = read_document(path)
-    changed = fill_signing_keys and fill_generated_secrets(doc, tokens=False)
-    config = validate(apply_env_overrides(doc, os.environ), base_dir=Path.cwd())
-    if changed:
-        write_document(path, doc)
+    if not fill_signing_keys:
+        return load(path)
+    config, written = load_filling_secrets(path, tokens=False)
+    if written:
         log.info("generated a signing key and saved it in %s", path)
     return config

@@ -26,8 +26,10 @@ import aiohttp
 from ruamel.yaml import YAML
 
 from relay.app import Relay, stop_signals
+from relay.config.document import fill_generated_secrets, write_document
+from relay.config.loading import load
 from relay.config.registration import write_registration
-from relay.config.settings import Config, fill_generated_secrets, load, write_document
+from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_ERROR, EXIT_OK
 from relay.core.mxc import parse_mxc
 from relay.devtools.local_synapse import LocalSynapse, free_ports

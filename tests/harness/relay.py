@@ -14,7 +14,8 @@ import pytest_asyncio
 from ruamel.yaml import YAML
 
 from relay.app import Relay
-from relay.config.settings import Config, load
+from relay.config.loading import load
+from relay.config.settings import Config
 from relay.devtools.local_synapse import LocalSynapse
 from tests.harness.fixtures import RelayPorts, RelayRegistration, run_coroutine_in_thread
 

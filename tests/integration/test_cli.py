@@ -71,6 +71,84 @@ def test_bad_config_is_one_line_and_never_overwritten(tmp_path: Path) -> None:
     assert not (tmp_path / "registration.yaml").exists()
 
 
+def test_check_config_names_every_mistake(tmp_path: Path) -> None:
+    """Three independent mistakes give three lines in one run, exit 3, file untouched."""
+    config = edited_example(
+        tmp_path / "config.yaml",
+        appservice__port="abc",
+        signing__tll=60,
+        media__max_size="lots",
+    )
+    before = config.read_bytes()
+    result = media_relay("check-config", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip().splitlines() == [
+        "media-relay: error: appservice.port: expected an integer 1-65535, got 'abc'",
+        "media-relay: error: media.max_size: expected a size such as 100M or 10G, got 'lots'",
+        "media-relay: error: signing.tll: unknown key (did you mean 'ttl'?)",
+    ]
+    assert config.read_bytes() == before
+
+
+def test_placeholder_never_hides_broken_bridges(tmp_path: Path) -> None:
+    """With 'generate' tokens and a broken bridges list, every command names the bridges."""
+    config = tmp_path / "config.yaml"
+    config.write_text(EXAMPLE.read_text().replace("  - name: example-bridge", "    name: x"))
+    before = config.read_bytes()
+    for command in ("check-config", "generate-registration", "run"):
+        result = media_relay(command, "-c", str(config), cwd=tmp_path)
+        assert result.returncode == EXIT_CONFIG
+        lines = result.stderr.strip().splitlines()
+        assert lines[0].startswith("media-relay: error: bridges: expected a list, got "), lines
+        assert len(lines) == 1
+    assert config.read_bytes() == before
+    assert not (tmp_path / "registration.yaml").exists()
+
+
+def test_check_config_before_generate_names_the_placeholders(tmp_path: Path) -> None:
+    """The untouched example fails only on its placeholders, each telling what to run."""
+    config = tmp_path / "config.yaml"
+    config.write_text(EXAMPLE.read_text())
+    result = media_relay("check-config", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == EXIT_CONFIG
+    keys = ["appservice.as_token", "appservice.hs_token", "signing.keys[0].secret"]
+    assert result.stderr.strip().splitlines() == [
+        f"media-relay: error: {key}: still 'generate'; run media-relay generate-registration first"
+        for key in [*keys, "bridges[0].token"]
+    ]
+
+
+def test_unknown_relay_variable_is_an_error(tmp_path: Path) -> None:
+    """A mistyped RELAY_ variable is reported with the near miss; tooling variables are not."""
+    config = edited_example(tmp_path / "config.yaml")
+    assert media_relay("generate-registration", "-c", str(config), cwd=tmp_path).returncode == 0
+    env = {"RELAY_PUBLIC_ULR": "https://x/", "RELAY_TEST_ANYTHING": "1", "RELAY_VENV": "/v"}
+    result = media_relay("check-config", "-c", str(config), cwd=tmp_path, env=env)
+    assert result.returncode == EXIT_CONFIG
+    assert result.stderr.strip().splitlines() == [
+        "media-relay: error: RELAY_PUBLIC_ULR: unknown key public.ulr "
+        "(did you mean RELAY_PUBLIC_URL?)"
+    ]
+    ok = media_relay("check-config", "-c", str(config), cwd=tmp_path, env={"RELAY_VENV": "/v"})
+    assert ok.returncode == 0 and ok.stdout.startswith(f"{config}: OK (homeserver ")
+
+
+def test_generated_files_are_private(tmp_path: Path) -> None:
+    """After generate-registration the config and the registration are 0600; a config that
+    others could read is tightened, and the operator is told in one line."""
+    config = edited_example(tmp_path / "config.yaml")
+    config.chmod(0o644)
+    result = media_relay("generate-registration", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert config.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "registration.yaml").stat().st_mode & 0o777 == 0o600
+    told = [line for line in result.stderr.splitlines() if "its mode was" in line]
+    assert len(told) == 1 and told[0].endswith(
+        f"{config} holds secrets: its mode was 644, it is now 600"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "registration.yaml"]
+
+
 def test_create_missing_config(tmp_path: Path) -> None:
     """--create-missing copies the example and exits 6 telling the operator what to edit."""
     result = media_relay("run", "-c", "config.yaml", "--create-missing", cwd=tmp_path)

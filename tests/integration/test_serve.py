@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.config.settings import load
+from relay.config.loading import load
 from relay.core.mxc import MediaId, parse_mxc
 from relay.devtools.local_synapse import LocalSynapse, free_ports
 from relay.http.headers import security_headers

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
+from relay.config.loading import validate
 from relay.config.registration import build_registration, write_registration
-from relay.config.settings import Config, validate
+from relay.config.settings import Config
 
 ROOT = Path(__file__).parents[3]
 SECRET = "s" * 40
