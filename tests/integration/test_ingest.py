@@ -17,6 +17,7 @@ import pytest
 
 from relay.app import Relay
 from relay.core.mxc import MediaId
+from tests.harness.events import image_event as pushed_image
 from tests.harness.relay import MakeConfig, StartRelay
 
 pytestmark = pytest.mark.synapse
@@ -27,19 +28,7 @@ NAMESPACE = {"room_namespace": [r"!direct:localhost"]}
 
 
 def image_event(event_id: str, media_id: str, room_id: str = ROOM) -> dict[str, Any]:
-    return {
-        "type": "m.room.message",
-        "room_id": room_id,
-        "event_id": event_id,
-        "sender": "@someone:localhost",
-        "origin_server_ts": 1_700_000_000_000,
-        "content": {
-            "msgtype": "m.image",
-            "body": "cat.png",
-            "url": f"mxc://localhost/{media_id}",
-            "info": {"mimetype": "image/png", "size": 1234, "w": 64, "h": 48},
-        },
-    }
+    return pushed_image(event_id, media_id, room_id)
 
 
 def new_id() -> str:

@@ -18,6 +18,7 @@ import pytest
 
 from relay.app import Relay
 from relay.core.mxc import MediaId
+from tests.harness.events import image_event as pushed_image
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay
 
 pytestmark = pytest.mark.synapse
@@ -31,20 +32,7 @@ def new_id() -> str:
 
 
 def image_event(media_id: str, **content: Any) -> dict[str, Any]:
-    return {
-        "type": "m.room.message",
-        "room_id": ROOM,
-        "event_id": "$" + new_id(),
-        "sender": "@someone:localhost",
-        "origin_server_ts": 1_700_000_000_000,
-        "content": {
-            "msgtype": "m.image",
-            "body": "cat.png",
-            "url": f"mxc://localhost/{media_id}",
-            "info": {"mimetype": "image/png", "size": 1234, "w": 64, "h": 48},
-            **content,
-        },
-    }
+    return pushed_image("$" + new_id(), media_id, ROOM, **content)
 
 
 @pytest.fixture
