@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from relay.cli.doctor import Finding, exit_code, probe_verdict, render
-from relay.config.settings import Config, load
+from relay.config.loading import load
+from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_ERROR, EXIT_OK
 
 
