@@ -20,6 +20,7 @@ from relay.core.mxc import MediaId
 from relay.core.signing import KeyRing, SigningKey
 from relay.media.cache import MediaCache
 from relay.media.downloads import MediaSource
+from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
 from relay.media.revocation import RevocationCheck
 from relay.media.thumbnails import ThumbnailLimits
@@ -81,6 +82,7 @@ class Relay:
         self.media_source: MediaSource | None = None
         self.renditions: Renditions | None = None
         self.revocations: RevocationCheck | None = None
+        self.pipeline: MediaPipeline | None = None
         self.media_server: MediaServer | None = None
         self._db: Any = None
         self.internal_url = ""
@@ -188,16 +190,13 @@ class Relay:
             strip_metadata=media.strip_metadata,
         )
         self.revocations = RevocationCheck(self.store, on_discovered=self._purge)
+        self.pipeline = MediaPipeline(
+            self.store, self.revocations, self.media_source, self.renditions
+        )
         ring = key_ring(cfg)
         try:
             self.media_server = MediaServer(
-                ring,
-                self.store,
-                self.revocations,
-                self.media_source,
-                self.metrics,
-                path_prefix=cfg.public.path_prefix,
-                renditions=self.renditions,
+                ring, self.pipeline, self.metrics, path_prefix=cfg.public.path_prefix
             )
         except ValueError as e:
             raise StartupError(EXIT_CONFIG, str(e)) from e
@@ -317,8 +316,8 @@ class Relay:
         """Forget the media here (also when another process revoked it), then its files."""
         if self.media_server is not None:
             self.media_server.forget(media)
-        if self.media_source is not None:
-            await self.media_source.purge(media.server_name, media.media_id)
+        if self.pipeline is not None:
+            await self.pipeline.purge(media)
 
     # ------------------------------------------------------------ shutdown
 
@@ -330,12 +329,8 @@ class Relay:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        if self.renditions is not None:
-            await self.renditions.close()
-        if self.media_source is not None:
-            await self.media_source.close()
-        if self.revocations is not None:
-            await self.revocations.close()
+        if self.pipeline is not None:
+            await self.pipeline.close()
         if self.capabilities is not None:
             await self.capabilities.stop()
         if self._db is not None:

@@ -16,7 +16,7 @@ import functools
 import math
 import re
 import unicodedata
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 OCTET_STREAM = "application/octet-stream"
 MAX_CONTENT_TYPE_LENGTH = 255
@@ -144,10 +144,14 @@ def _charset(parameters: str) -> str | None:
     return found[0].lower()
 
 
+def media_type(raw: str | None) -> str:
+    """The lowercase ``type/subtype`` of a Content-Type value (octet-stream if unusable)."""
+    return normalise_content_type(raw).partition(";")[0]
+
+
 def is_inline_safe(content_type: str) -> bool:
     """Whether media of this type may be shown inline (the spec's allowlist, nothing else)."""
-    essence = normalise_content_type(content_type).partition(";")[0]
-    return essence in INLINE_CONTENT_TYPES
+    return media_type(content_type) in INLINE_CONTENT_TYPES
 
 
 def safe_filename(filename: str | None) -> str | None:
@@ -233,3 +237,64 @@ def _etag(sha256_hex: str) -> str:
     if not re.fullmatch(r"[0-9A-Fa-f]{64}", sha256_hex):
         raise ValueError("etag needs a 64-character hex SHA-256 digest")
     return f'"{sha256_hex.lower()}"'
+
+
+# ---------------------------------------------------------------- upstream headers
+
+_FILENAME_STAR = re.compile(r"([^']*)'[^']*'(.*)", re.DOTALL)
+
+
+def filename_from_content_disposition(header: str | None) -> str | None:
+    """The file name in an upstream Content-Disposition, made safe, or None.
+
+    Understands ``filename*=UTF-8''…`` (RFC 6266 §4.3, RFC 8187) before ``filename=``.
+    The result has no directory part, no control characters, at most 255 characters;
+    it is a hint for the serving side's own header policy, never sent back verbatim.
+    """
+    if not header:
+        return None
+    params: dict[str, str] = {}
+    for part in _split_params(header)[1:]:
+        name, sep, value = part.partition("=")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params.setdefault(name, value)
+    raw: str | None = None
+    if "filename*" in params:
+        m = _FILENAME_STAR.fullmatch(params["filename*"])
+        if m is not None:
+            # RFC 8187 §3.2.1: UTF-8 and ISO-8859-1 are the charsets recipients must know.
+            charset = m.group(1).lower()
+            if charset in ("utf-8", "iso-8859-1"):
+                try:
+                    raw = unquote(m.group(2), encoding=charset, errors="strict")
+                except UnicodeDecodeError:
+                    raw = None
+    if raw is None:
+        raw = params.get("filename")
+    return safe_filename(raw)
+
+
+def _split_params(header: str) -> list[str]:
+    """Split on ``;`` outside quoted strings."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for ch in header:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts

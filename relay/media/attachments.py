@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from relay.core.errors import Codes, MatrixError
 from relay.core.events import KEY_BYTES, check_key_material
-from relay.upstream.fetcher import FetchError
+from relay.upstream.errors import FetchError
 
 
 class EncryptionLike(Protocol):

@@ -41,6 +41,7 @@ META_SUFFIX = ".json"
 # Access times are written to disk at most this often per entry (LRU survives restarts
 # approximately; exact order is only kept in memory).
 TOUCH_INTERVAL = 60.0
+HASH_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +106,24 @@ class CacheWriter:
     async def commit(self, content_type: str, filename: str | None) -> CacheEntry | None:
         """Move the file into the cache; None when the media was purged meanwhile."""
         self._close()
+        return await self._finish(content_type, filename, self._hash.hexdigest())
+
+    async def _finish(
+        self, content_type: str, filename: str | None, sha256: str
+    ) -> CacheEntry | None:
         if self.purged:
             _unlink(self.path)
             self._cache._writers.discard(self)
             return None
-        return await self._cache._commit(self, content_type, filename, self._hash.hexdigest())
+        return await self._cache._commit(self, content_type, filename, sha256)
+
+    async def commit_file(self, content_type: str, filename: str | None) -> CacheEntry | None:
+        """Commit what another writer (Pillow, by path) put at :attr:`path` instead of
+        :meth:`write`: hashed here in one read, never copied."""
+        self._close()
+        self.written, digest = await asyncio.to_thread(_hash_file, self.path)
+        self._hash = hashlib.sha256()
+        return await self._finish(content_type, filename, digest)
 
     def abort(self) -> None:
         """Discard everything written; safe to call twice or after commit."""
@@ -370,6 +384,17 @@ class MediaCache:
         if not path.resolve().is_relative_to(self.root):
             raise ValueError(f"cache path escapes the cache root: {path}")
         return path
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    """Length and hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    length = 0
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            length += len(chunk)
+    return length, digest.hexdigest()
 
 
 def _meta_path(body: Path) -> Path:

@@ -1,13 +1,15 @@
-"""Where the public server gets media: the cache, or one shared download per item.
+"""Originals: the cache, or one shared download per item.
 
-Single-flight: every request for an uncached item joins the one download ("flight")
-already under way for it. The flight writes a temporary file in the cache; each
-request streams that file as it grows (so nobody waits for the whole download, and a
-slow client never slows the download), and on success the file is renamed into the
-cache. A failed flight gives every waiter the same exception and leaves no entry.
+Single-flight (:mod:`relay.support.singleflight`): every request for an uncached item
+joins the one download already under way for it. The download writes a temporary file
+in the cache; each request streams that file as it grows (so nobody waits for the whole
+download, and a slow client never slows the download), and on success the file is
+renamed into the cache. A failed download gives every waiter the same exception and
+leaves no entry; one purged meanwhile (revocation) is never committed, and its readers
+stop.
 
 Encrypted attachments cannot be streamed: no plaintext may leave before the
-ciphertext hash is checked, so their flight downloads, verifies, decrypts into the
+ciphertext hash is checked, so their download fetches, verifies, decrypts into the
 cache, and only then lets its waiters read the finished file.
 """
 
@@ -18,12 +20,12 @@ import contextlib
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
 from relay.core.mxc import InvalidMxc, MediaId, is_valid_media_id, is_valid_server_name
-from relay.core.variant import Thumbnail, variant_key
+from relay.core.variant import variant_key
 from relay.media.attachments import (
     AttachmentDecryptor,
     EncryptionLike,
@@ -32,12 +34,18 @@ from relay.media.attachments import (
 )
 from relay.media.cache import CacheEntry, CacheKey, CacheWriter, MediaCache
 from relay.support.metrics import Metrics
-from relay.upstream.fetcher import FetchError, MediaFetcher, UpstreamError, UpstreamNotFound
+from relay.support.singleflight import Flight, SingleFlight
+from relay.upstream.errors import FetchError, UpstreamError, UpstreamNotFound
+from relay.upstream.fetcher import MediaFetcher
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+
+
+class Purged(UpstreamNotFound):
+    """The media was purged (revoked) while being made: nothing of it was kept."""
 
 
 class MediaBody(Protocol):
@@ -84,12 +92,16 @@ class FileBody:
             os.close(fd)
 
 
-class _Flight:
-    """One download shared by every request for the same cache key."""
+class _Download(Flight[CacheEntry]):
+    """One download shared by every request for the same cache key; readers follow its file."""
 
-    def __init__(self, key: CacheKey) -> None:
+    def __init__(
+        self, source: MediaSource, key: CacheKey, media: MediaId, encryption: EncryptionLike | None
+    ) -> None:
+        self._source = source
         self.key = key
-        self.task: asyncio.Task[None] | None = None
+        self.media = media
+        self.encryption = encryption
         self.content_type = DEFAULT_CONTENT_TYPE
         self.length: int | None = None
         self.filename: str | None = None
@@ -98,12 +110,8 @@ class _Flight:
         # Set once the temporary file is being renamed: late joiners wait for the entry.
         self.committing = False
         self.done = False
-        # Set by MediaSource.purge: the media was revoked; never commit this download.
-        self.purged = False
-        self.entry: CacheEntry | None = None
         self.error: BaseException | None = None
         self.headers_ready = asyncio.Event()
-        self.finished = asyncio.Event()
         self._progress = asyncio.Event()
 
     def progress(self, written: int) -> None:
@@ -114,19 +122,35 @@ class _Flight:
     async def wait_progress(self) -> None:
         await self._progress.wait()
 
-    def finish(self, entry: CacheEntry | None, error: BaseException | None) -> None:
-        self.entry, self.error, self.done = entry, error, True
-        self.headers_ready.set()
-        self.finished.set()
-        self._progress.set()
+    async def result(self) -> CacheEntry:
+        try:
+            return await super().result()
+        except asyncio.CancelledError:
+            if self.task.cancelled() and self.error is not None:
+                raise self.error from None  # the relay is stopping, not this caller
+            raise
 
-    async def wait_entry(self) -> CacheEntry:
-        await self.finished.wait()
-        if self.error is not None:
-            raise self.error
-        if self.entry is None:
-            raise UpstreamNotFound(f"{self.key.server_name}/{self.key.media_id} was purged")
-        return self.entry
+    async def work(self) -> CacheEntry:
+        """Own the download; every outcome wakes the readers (they re-raise a failure)."""
+        try:
+            return await self._source._download(self)
+        except Purged:
+            # Readers already streaming got every byte: they finish; nothing is kept.
+            raise
+        except asyncio.CancelledError:
+            self.error = UpstreamError("the relay is shutting down", status=503)
+            raise
+        except Exception as e:
+            if isinstance(e, FetchError):
+                log.info("download of %s failed: %s: %s", self.media, type(e).__name__, e)
+            else:
+                log.warning("download of %s failed", self.media, exc_info=True)
+            self.error = e
+            raise
+        finally:
+            self.done = True
+            self.headers_ready.set()
+            self._progress.set()
 
 
 class StreamingBody:
@@ -135,7 +159,7 @@ class StreamingBody:
     path: Path | None = None
     sha256: str | None = None
 
-    def __init__(self, flight: _Flight, temp_path: Path) -> None:
+    def __init__(self, flight: _Download, temp_path: Path) -> None:
         self._flight = flight
         self.content_type = flight.content_type
         self.length = flight.length
@@ -170,30 +194,22 @@ class StreamingBody:
 
 
 class MediaSource:
-    """Opens media for the public server: cached file, or a shared download."""
+    """Opens originals for the pipeline: a cached file, or a download shared by all."""
 
     def __init__(self, fetcher: MediaFetcher, cache: MediaCache, metrics: Metrics) -> None:
         self.fetcher = fetcher
         self.cache = cache
         self._metrics = metrics
-        self._flights: dict[CacheKey, _Flight] = {}
+        self._downloads: SingleFlight[CacheKey, _Download] = SingleFlight("fetch")
 
     @staticmethod
-    def cache_key(
-        media: MediaId,
-        encryption: EncryptionLike | None = None,
-        thumbnail: Thumbnail | None = None,
-    ) -> CacheKey:
-        """The cache key of a rendition; decrypted plaintext never shares the ciphertext's."""
+    def cache_key(media: MediaId, encryption: EncryptionLike | None = None) -> CacheKey:
+        """The cache key of an original; decrypted plaintext never shares the ciphertext's."""
         if not is_valid_server_name(media.server_name) or not is_valid_media_id(media.media_id):
             # MediaId is a plain dataclass: refuse anything parse_mxc would have refused.
             raise InvalidMxc("invalid media id")
-        variant = variant_key(thumbnail)
+        variant = variant_key(None)
         if encryption is not None:
-            if thumbnail is not None:
-                # The homeserver cannot thumbnail ciphertext; encrypted thumbnails are
-                # separate encrypted files (``info.thumbnail_file``).
-                raise ValueError("encrypted media has no server-side thumbnails")
             validate_encryption(encryption)
             variant = plaintext_variant(encryption, variant)
         return CacheKey(media.server_name, media.media_id, variant)
@@ -203,142 +219,108 @@ class MediaSource:
         media: MediaId,
         encryption: EncryptionLike | None = None,
         *,
-        thumbnail: Thumbnail | None = None,
+        whole_if: Callable[[str], bool] = lambda content_type: False,
     ) -> MediaBody:
-        """The media body: a cached file, or a stream of the download under way.
+        """The original: a cached file, or a stream of the download under way.
+
+        ``whole_if(upstream content type)`` true: wait for the complete file instead of
+        streaming (Range needs it, and so does metadata stripping).
 
         Raises the ``Upstream*`` exceptions (and CiphertextHashMismatch) when the
         download fails before its first byte; a stream raises them mid-body.
         """
-        key = self.cache_key(media, encryption, thumbnail)
+        key = self.cache_key(media, encryption)
         entry = self.cache.lookup(key)
         if entry is not None:
             return FileBody(entry)
-        flight = self._join(key, media, encryption, thumbnail)
+        download = self._join(key, media, encryption)
         if encryption is None:
-            await flight.headers_ready.wait()
-            if flight.error is not None:
-                raise flight.error
-            if not flight.done and not flight.committing and flight.writer is not None:
+            await download.headers_ready.wait()
+            if download.error is not None:
+                raise download.error
+            writer = download.writer
+            in_progress = not download.done and not download.committing
+            if writer is not None and in_progress and not whole_if(download.content_type):
                 # No await between this check and the open inside StreamingBody.
-                return StreamingBody(flight, flight.writer.path)
-        return FileBody(await flight.wait_entry())
+                return StreamingBody(download, writer.path)
+        return FileBody(await download.result())
 
     async def open_file(
-        self,
-        media: MediaId,
-        encryption: EncryptionLike | None = None,
-        *,
-        thumbnail: Thumbnail | None = None,
+        self, media: MediaId, encryption: EncryptionLike | None = None
     ) -> CacheEntry:
-        """The complete cached file, downloading it first (single-flight) if needed."""
-        key = self.cache_key(media, encryption, thumbnail)
+        """The complete cached original, downloading it first (shared) if needed."""
+        key = self.cache_key(media, encryption)
         entry = self.cache.lookup(key)
         if entry is not None:
             return entry
-        return await self._join(key, media, encryption, thumbnail).wait_entry()
+        return await self._join(key, media, encryption).result()
 
-    async def purge(self, server_name: str, media_id: str) -> None:
+    async def purge(self, media: MediaId) -> None:
         """Forget every cached rendition of a media item (revocation).
 
-        Downloads under way are detached so they are never committed and new
-        requests start afresh.
+        Downloads under way are detached so new requests start afresh; the cache marks
+        their writers, so they are never committed.
         """
-        for key in [
-            k for k in self._flights if (k.server_name, k.media_id) == (server_name, media_id)
-        ]:
-            self._flights.pop(key).purged = True
-        removed = await self.cache.purge(server_name, media_id)
-        log.info("purged %d cached renditions of mxc://%s/%s", removed, server_name, media_id)
+        item = (media.server_name, media.media_id)
+        self._downloads.detach(lambda key: (key.server_name, key.media_id) == item)
+        removed = await self.cache.purge(media.server_name, media.media_id)
+        log.info("purged %d cached renditions of %s", removed, media)
 
     async def close(self) -> None:
         """Cancel downloads under way (their waiters get an UpstreamError)."""
-        tasks = [f.task for f in self._flights.values() if f.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._downloads.close()
 
     @property
     def downloads_in_progress(self) -> int:
-        return len(self._flights)
+        return len(self._downloads)
 
-    # -- flights ------------------------------------------------------------------------
+    # -- downloads ----------------------------------------------------------------------
 
     def _join(
-        self,
-        key: CacheKey,
-        media: MediaId,
-        encryption: EncryptionLike | None,
-        thumbnail: Thumbnail | None,
-    ) -> _Flight:
-        flight = self._flights.get(key)
-        if flight is not None:
+        self, key: CacheKey, media: MediaId, encryption: EncryptionLike | None
+    ) -> _Download:
+        joined = self._downloads.joined
+        download = self._downloads.join(key, lambda: _Download(self, key, media, encryption))
+        if self._downloads.joined != joined:
             self._metrics.coalesced_waiters.inc()
-            return flight
-        flight = _Flight(key)
-        self._flights[key] = flight
-        flight.task = asyncio.create_task(
-            self._run(flight, media, encryption, thumbnail), name=f"fetch {media}"
-        )
-        return flight
+        return download
 
-    async def _run(
-        self,
-        flight: _Flight,
-        media: MediaId,
-        encryption: EncryptionLike | None,
-        thumbnail: Thumbnail | None,
-    ) -> None:
-        """Own the download; every outcome ends in ``flight.finish`` (never raises out)."""
+    async def _download(self, download: _Download) -> CacheEntry:
+        # Begun before the first byte, so a purge at any point marks it (cache.purge).
+        writer = self.cache.begin(download.key)
+        download.writer = writer
         try:
-            if encryption is None:
-                entry = await self._download(flight, media, thumbnail)
+            if download.encryption is None:
+                await self._stream_into(download, writer)
             else:
-                entry = await self._download_encrypted(flight, media, encryption)
-        except asyncio.CancelledError:
-            flight.finish(None, UpstreamError("the relay is shutting down", status=503))
+                await self._decrypt_into(writer, download.media, download.encryption)
+            download.committing = True
+            entry = await writer.commit(download.content_type, download.filename)
+        except BaseException:
+            writer.abort()
             raise
-        except Exception as e:
-            # Exception, not BaseException: waiters re-raise it; nothing escapes the task.
-            if isinstance(e, FetchError):
-                log.info("download of %s failed: %s: %s", media, type(e).__name__, e)
-            else:
-                log.warning("download of %s failed", media, exc_info=True)
-            flight.finish(None, e)
-        else:
-            flight.finish(entry, None)
-        finally:
-            if self._flights.get(flight.key) is flight:
-                del self._flights[flight.key]
+        if entry is None:
+            raise Purged(f"{download.media} was purged while downloading")
+        return entry
 
-    async def _download(
-        self, flight: _Flight, media: MediaId, thumbnail: Thumbnail | None
-    ) -> CacheEntry | None:
-        async with self.fetcher.open(media, thumbnail) as upstream:
-            flight.content_type = upstream.content_type or DEFAULT_CONTENT_TYPE
-            flight.length = upstream.content_length
-            flight.filename = upstream.filename
-            writer = self.cache.begin(flight.key)
-            flight.writer = writer
-            flight.headers_ready.set()
-            try:
-                async for chunk in upstream.iter_chunks():
-                    await writer.write(chunk)
-                    flight.progress(writer.written)
-                flight.committing = True
-                if flight.purged:
-                    writer.abort()
-                    return None
-                return await writer.commit(flight.content_type, flight.filename)
-            except BaseException:
-                writer.abort()
-                raise
+    async def _stream_into(self, download: _Download, writer: CacheWriter) -> None:
+        async with self.fetcher.open(download.media) as upstream:
+            download.content_type = upstream.content_type or DEFAULT_CONTENT_TYPE
+            download.length = upstream.content_length
+            download.filename = upstream.filename
+            download.headers_ready.set()
+            async for chunk in upstream.iter_chunks():
+                await writer.write(chunk)
+                download.progress(writer.written)
 
-    async def _download_encrypted(
-        self, flight: _Flight, media: MediaId, encryption: EncryptionLike
-    ) -> CacheEntry | None:
+    async def _decrypt_into(
+        self, writer: CacheWriter, media: MediaId, encryption: EncryptionLike
+    ) -> None:
+        """Download the ciphertext beside the cache, verify its hash, then decrypt it in.
+
+        The ciphertext's type and name say nothing about the plaintext: the entry keeps
+        the defaults, and the pipeline serves the event's ``info.mimetype``.
+        """
         decryptor = AttachmentDecryptor(encryption)
         ciphertext = self.cache.new_temp_path()
         fd = os.open(ciphertext, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -348,24 +330,13 @@ class MediaSource:
                     await asyncio.to_thread(_write_and_hash, fd, chunk, decryptor)
             # Spec: the hash covers the ciphertext; check all of it before any plaintext.
             decryptor.verify()
-            writer = self.cache.begin(flight.key)
-            try:
-                offset = 0
-                while True:
-                    plain = await asyncio.to_thread(_read_and_decrypt, fd, offset, decryptor)
-                    if plain is None:
-                        break
-                    offset += len(plain)
-                    await writer.write(plain)
-                flight.committing = True
-                if flight.purged:
-                    writer.abort()
-                    return None
-                # The ciphertext's type and name say nothing about the plaintext.
-                return await writer.commit(DEFAULT_CONTENT_TYPE, None)
-            except BaseException:
-                writer.abort()
-                raise
+            offset = 0
+            while True:
+                plain = await asyncio.to_thread(_read_and_decrypt, fd, offset, decryptor)
+                if plain is None:
+                    break
+                offset += len(plain)
+                await writer.write(plain)
         finally:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):

@@ -12,7 +12,6 @@ and stops at once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -21,6 +20,7 @@ from typing import Protocol
 
 from relay.core.mxc import MediaId
 from relay.support.memo import TTLCache
+from relay.support.singleflight import Call, SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class RevocationCheck:
         # media → the store's answer: True for good (forgetting it is safe: the next
         # lookup asks again), False for ``ttl`` seconds. Raises ValueError on bad limits.
         self._answers: TTLCache[MediaId, bool] = TTLCache(ttl, max_entries, clock=clock)
-        self._pending: dict[MediaId, asyncio.Task[bool]] = {}
+        self._queries: SingleFlight[MediaId, Call[bool]] = SingleFlight("is_revoked")
 
     def mark_revoked(self, media: MediaId) -> None:
         """Record a revocation this process committed: effective immediately."""
@@ -73,14 +73,9 @@ class RevocationCheck:
         known = self._answers.get(media)
         if known is not None:
             return known
-        task = self._pending.get(media)
-        if task is None:
-            # A task of its own, so a caller that gives up (client gone) never cancels
-            # the query the other callers of the same item are waiting for.
-            task = asyncio.create_task(self._query(media), name=f"is_revoked {media}")
-            self._pending[media] = task
-            task.add_done_callback(lambda done: self._query_done(media, done))
-        return await asyncio.shield(task)
+        # Shared: concurrent lookups of one item make one query, and a caller that
+        # gives up (client gone) never cancels the one the others wait for.
+        return await self._queries.join(media, lambda: Call(lambda: self._query(media))).result()
 
     async def _query(self, media: MediaId) -> bool:
         revoked = await self._store.is_revoked(media)
@@ -95,20 +90,9 @@ class RevocationCheck:
             self._answers.put(media, False)
         return revoked
 
-    def _query_done(self, media: MediaId, task: asyncio.Task[bool]) -> None:
-        if self._pending.get(media) is task:
-            del self._pending[media]
-        if not task.cancelled() and task.exception() is not None:
-            # Retrieved here so that an error nobody waited for is not reported as
-            # "never retrieved"; waiters still get it raised.
-            log.debug("revocation lookup of %s failed: %s", media, task.exception())
-
     async def close(self) -> None:
         """Cancel lookups still under way (at shutdown, before the database closes)."""
-        tasks = list(self._pending.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._queries.close()
 
     async def _discovered(self, media: MediaId) -> None:
         if self._on_discovered is None:

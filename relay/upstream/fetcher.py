@@ -4,23 +4,9 @@ One request in, one bounded stream out: the upstream URL is built only from a
 validated :class:`~relay.core.mxc.MediaId` (each path segment quoted), nothing from the
 client is forwarded, redirects are followed by hand so the token never leaves the
 homeserver's origin, the body is counted against ``media.max_size`` as it arrives,
-and every upstream failure becomes one of the ``Upstream*`` exceptions below.
-
-Status mapping (what the serving side answers):
-
-======================  =====================  ==================================
-upstream                exception              relay answers
-======================  =====================  ==================================
-404                     UpstreamNotFound       404 ``M_NOT_FOUND`` (remembered)
-413, over max_size      UpstreamTooLarge       502 ``M_TOO_LARGE``
-429                     UpstreamRateLimited    503 ``M_LIMIT_EXCEEDED`` + Retry-After
-401, 403                UpstreamUnauthorized   502 ``M_UNKNOWN`` + Retry-After
-504, timeouts           UpstreamError(504)     504 ``M_UNKNOWN`` + Retry-After
-anything else           UpstreamError(502)     502 ``M_UNKNOWN`` + Retry-After
-======================  =====================  ==================================
-
-429 maps to 503 rather than 502: the homeserver is fine, the relay is asked to slow
-down, and 503 is the status whose Retry-After clients honour (RFC 9110 §15.6.4).
+and every upstream failure becomes one of the exceptions of
+:mod:`relay.upstream.errors`. Thumbnails are rendered by the relay itself
+(:mod:`relay.media.renditions`), so only the download endpoint is used.
 """
 
 from __future__ import annotations
@@ -28,28 +14,33 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import aiohttp
 from yarl import URL
 
-from relay.core.errors import Codes, MatrixError
+from relay.core.errors import Codes
 from relay.core.mxc import InvalidMxc, MediaId, is_valid_media_id, is_valid_server_name
-from relay.core.variant import Thumbnail, variant_key
-from relay.http.headers import safe_filename
+from relay.http.headers import filename_from_content_disposition, media_type
+from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
+from relay.upstream.errors import (
+    DEFAULT_RETRY_AFTER,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamTooLarge,
+    UpstreamUnauthorized,
+)
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
-DEFAULT_RETRY_AFTER = 10
 NOT_FOUND_CACHE_SIZE = 10_000
 # Error bodies are read only to learn the errcode; never buffer a large one.
 MAX_ERROR_BODY = 64 * 1024
@@ -59,80 +50,6 @@ AUTHENTICATED_PREFIX = "/_matrix/client/v1/media"
 LEGACY_PREFIX = "/_matrix/media/v3"
 
 
-# The outcomes counted in ``relay_upstream_requests{outcome}``.
-OUTCOMES = (
-    "ok",
-    "not_found",
-    "too_large",
-    "rate_limited",
-    "unauthorized",
-    "upstream_error",
-    "timeout",
-)
-
-
-class FetchError(Exception):
-    """Base of every failure to provide media; ``to_matrix_error()`` is what clients see."""
-
-    status = 502
-
-    def to_matrix_error(self) -> MatrixError:
-        return MatrixError(self.status, Codes.UNKNOWN, "The media could not be fetched")
-
-
-class UpstreamNotFound(FetchError):
-    """The homeserver answered 404: the media does not exist (or is not visible to us)."""
-
-    status = 404
-
-    def to_matrix_error(self) -> MatrixError:
-        return MatrixError(404, Codes.NOT_FOUND, "Media not found")
-
-
-class UpstreamTooLarge(FetchError):
-    """The media is larger than ``media.max_size`` (by Content-Length or counted)."""
-
-    status = 502
-
-    def to_matrix_error(self) -> MatrixError:
-        return MatrixError(502, Codes.TOO_LARGE, "Media is larger than this relay serves")
-
-
-class UpstreamError(FetchError):
-    """The homeserver failed or timed out; ``status`` is 502 or 504, worth retrying later."""
-
-    errcode: str = Codes.UNKNOWN
-
-    def __init__(self, message: str, *, status: int = 502, retry_after: int = DEFAULT_RETRY_AFTER):
-        super().__init__(message)
-        self.status = status
-        self.retry_after = max(1, retry_after)
-
-    def to_matrix_error(self) -> MatrixError:
-        return MatrixError(
-            self.status,
-            self.errcode,
-            "The homeserver could not provide this media right now",
-            {"Retry-After": str(self.retry_after)},
-        )
-
-
-class UpstreamRateLimited(UpstreamError):
-    """The homeserver answered 429; ``status`` is 503 and ``retry_after`` its back-off."""
-
-    errcode = Codes.LIMIT_EXCEEDED
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message, status=503, retry_after=retry_after)
-
-
-class UpstreamUnauthorized(UpstreamError):
-    """The homeserver refused our as_token (401/403): the relay's identity is broken."""
-
-    def __init__(self, message: str, *, retry_after: int = 60) -> None:
-        super().__init__(message, status=502, retry_after=retry_after)
-
-
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds: TCP connect, between two reads, and for a whole download."""
@@ -140,76 +57,6 @@ class Timeouts:
     connect: float = 10
     read: float = 30
     total: float = 600
-
-
-_FILENAME_STAR = re.compile(r"([^']*)'[^']*'(.*)", re.DOTALL)
-
-
-def filename_from_content_disposition(header: str | None) -> str | None:
-    """The file name in an upstream Content-Disposition, made safe, or None.
-
-    Understands ``filename*=UTF-8''…`` (RFC 6266 §4.3, RFC 8187) before ``filename=``.
-    The result has no directory part, no control characters, at most 255 characters;
-    it is a hint for the serving side's own header policy, never sent back verbatim.
-    """
-    if not header:
-        return None
-    params: dict[str, str] = {}
-    for part in _split_params(header)[1:]:
-        name, sep, value = part.partition("=")
-        if not sep:
-            continue
-        name = name.strip().lower()
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        params.setdefault(name, value)
-    raw: str | None = None
-    if "filename*" in params:
-        m = _FILENAME_STAR.fullmatch(params["filename*"])
-        if m is not None:
-            # RFC 8187 §3.2.1: UTF-8 and ISO-8859-1 are the charsets recipients must know.
-            charset = m.group(1).lower()
-            if charset in ("utf-8", "iso-8859-1"):
-                try:
-                    raw = unquote(m.group(2), encoding=charset, errors="strict")
-                except UnicodeDecodeError:
-                    raw = None
-    if raw is None:
-        raw = params.get("filename")
-    return safe_filename(raw)
-
-
-def _split_params(header: str) -> list[str]:
-    """Split on ``;`` outside quoted strings."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = escaped = False
-    for ch in header:
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == ";" and not quoted:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current))
-    return parts
-
-
-_MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
-
-
-def _media_type(header: str | None) -> str | None:
-    """``type/subtype`` of a Content-Type header, lower-cased, parameters dropped."""
-    if not header:
-        return None
-    mime = header.split(";", 1)[0].strip().lower()
-    return mime if _MIME.fullmatch(mime) else None
 
 
 def _same_origin(a: URL, b: URL) -> bool:
@@ -239,7 +86,7 @@ class UpstreamResponse:
         self._resp = resp
         self._max_size = max_size
         self._metrics = metrics
-        self.content_type = _media_type(resp.headers.get("Content-Type"))
+        self.content_type = media_type(resp.headers.get("Content-Type"))
         self.content_length = resp.content_length
         self.filename = filename_from_content_disposition(resp.headers.get("Content-Disposition"))
         self.received = 0
@@ -301,62 +148,41 @@ class MediaFetcher:
         self.not_found_ttl = not_found_ttl
         self.max_redirects = max_redirects
         self._clock = clock
-        self._not_found: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        # Recent 404s, so a dead link costs no upstream request per hit.
+        self._not_found: TTLCache[MediaId, bool] = TTLCache(
+            max(not_found_ttl, 0), NOT_FOUND_CACHE_SIZE, clock=clock
+        )
         self._backoff_until = 0.0
 
     # -- pure helpers -------------------------------------------------------------------
 
-    def upstream_path(
-        self, media: MediaId, thumbnail: Thumbnail | None, authenticated: bool
-    ) -> str:
+    def upstream_path(self, media: MediaId, authenticated: bool) -> str:
         """The URL path for a media item; raises InvalidMxc for anything not strictly valid."""
         # MediaId is a plain dataclass: check again so no caller can smuggle "../" in.
         if not is_valid_server_name(media.server_name) or not is_valid_media_id(media.media_id):
             raise InvalidMxc("refusing to build an upstream URL from an invalid media id")
         prefix = AUTHENTICATED_PREFIX if authenticated else LEGACY_PREFIX
-        kind = "download" if thumbnail is None else "thumbnail"
         server = quote(media.server_name, safe="")
         media_id = quote(media.media_id, safe="")
-        return f"{prefix}/{kind}/{server}/{media_id}"
+        return f"{prefix}/download/{server}/{media_id}"
 
-    def upstream_query(self, thumbnail: Thumbnail | None) -> dict[str, str]:
+    def upstream_query(self) -> dict[str, str]:
         """Query parameters: only what the relay decides, never the client's."""
-        query = {"timeout_ms": str(int(self.timeouts.read * 1000))}
-        if thumbnail is not None:
-            query.update(
-                width=str(thumbnail.width),
-                height=str(thumbnail.height),
-                method=thumbnail.method,
-                animated="true" if thumbnail.animated else "false",
-            )
-        return query
+        return {"timeout_ms": str(int(self.timeouts.read * 1000))}
 
     # -- negative cache and back-off ----------------------------------------------------
 
-    def is_known_missing(self, media: MediaId, thumbnail: Thumbnail | None = None) -> bool:
-        """True while a recent 404 for this media (and variant) is remembered."""
-        key = (media.server_name, media.media_id, variant_key(thumbnail))
-        expires = self._not_found.get(key)
-        if expires is None:
-            return False
-        if self._clock() >= expires:
-            del self._not_found[key]
-            return False
-        return True
+    def is_known_missing(self, media: MediaId) -> bool:
+        """True while a recent 404 for this media is remembered."""
+        return self._not_found.get(media) is not None
 
     def forget_missing(self, media: MediaId) -> None:
-        """Drop remembered 404s for every variant of a media item."""
-        for key in [k for k in self._not_found if k[:2] == (media.server_name, media.media_id)]:
-            del self._not_found[key]
+        """Drop a remembered 404 (the media was revoked or is being looked at afresh)."""
+        self._not_found.discard(media)
 
-    def _remember_missing(self, media: MediaId, thumbnail: Thumbnail | None) -> None:
-        if self.not_found_ttl <= 0:
-            return
-        key = (media.server_name, media.media_id, variant_key(thumbnail))
-        self._not_found.pop(key, None)
-        self._not_found[key] = self._clock() + self.not_found_ttl
-        while len(self._not_found) > NOT_FOUND_CACHE_SIZE:
-            self._not_found.popitem(last=False)
+    def _remember_missing(self, media: MediaId) -> None:
+        if self.not_found_ttl > 0:
+            self._not_found.put(media, True)
 
     def backoff_remaining(self) -> float:
         """Seconds left in a 429 back-off window (0 when none)."""
@@ -365,18 +191,16 @@ class MediaFetcher:
     # -- the request --------------------------------------------------------------------
 
     @asynccontextmanager
-    async def open(
-        self, media: MediaId, thumbnail: Thumbnail | None = None
-    ) -> AsyncIterator[UpstreamResponse]:
-        """Open a media item (or a homeserver thumbnail of it) for streaming.
+    async def open(self, media: MediaId) -> AsyncIterator[UpstreamResponse]:
+        """Open a media item for streaming.
 
         Raises the ``Upstream*`` exceptions before yielding; ``iter_chunks`` raises
         UpstreamTooLarge / UpstreamError while streaming. Exactly one
         ``relay_upstream_requests`` sample is counted per request that reached the
         homeserver.
         """
-        self.upstream_path(media, thumbnail, True)  # validate before anything else
-        if self.is_known_missing(media, thumbnail):
+        self.upstream_path(media, True)  # validate before anything else
+        if self.is_known_missing(media):
             self._metrics.negative_cache_hits.inc()
             raise UpstreamNotFound(f"{media} is remembered as missing")
         remaining = self.backoff_remaining()
@@ -385,7 +209,7 @@ class MediaFetcher:
                 "homeserver asked us to back off", retry_after=math.ceil(remaining)
             )
         await self.capabilities.ensure_checked(self._session)
-        resp = await self._request(media, thumbnail)
+        resp = await self._request(media)
         upstream = UpstreamResponse(resp, self.max_size, self._metrics)
         try:
             yield upstream
@@ -400,22 +224,22 @@ class MediaFetcher:
     def _count(self, outcome: str) -> None:
         self._metrics.upstream_requests.labels(outcome=outcome).inc()
 
-    async def _request(self, media: MediaId, thumbnail: Thumbnail | None) -> aiohttp.ClientResponse:
+    async def _request(self, media: MediaId) -> aiohttp.ClientResponse:
         """Send the request (authenticated path first), map every non-200 to an exception."""
         authenticated = self.capabilities.authenticated_media
-        query = self.upstream_query(thumbnail)
-        resp = await self._get(self._url(media, thumbnail, authenticated, query))
+        query = self.upstream_query()
+        resp = await self._get(self._url(media, authenticated, query))
         if resp.status == 200:
             return self._accept(resp)
         status, body = resp.status, await self._error_body(resp)
         if authenticated and status in (404, 405) and _errcode(body) == Codes.UNRECOGNIZED:
             # Spec "Unsupported endpoints": 404/405 M_UNRECOGNIZED → the server predates v1.11.
             self.capabilities.mark_unsupported()
-            resp = await self._get(self._url(media, thumbnail, False, query))
+            resp = await self._get(self._url(media, False, query))
             if resp.status == 200:
                 return self._accept(resp)
             status, body = resp.status, await self._error_body(resp)
-        raise self._failure(media, thumbnail, status, body, resp.headers.get("Retry-After"))
+        raise self._failure(media, status, body, resp.headers.get("Retry-After"))
 
     def _accept(self, resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
         self.capabilities.mark_identity_ok()
@@ -429,7 +253,6 @@ class MediaFetcher:
     def _failure(
         self,
         media: MediaId,
-        thumbnail: Thumbnail | None,
         status: int,
         body: object,
         retry_after_header: str | None,
@@ -439,7 +262,7 @@ class MediaFetcher:
         log.info("homeserver answered %d %s for %s", status, errcode or "-", media)
         if status == 404:
             self._count("not_found")
-            self._remember_missing(media, thumbnail)
+            self._remember_missing(media)
             return UpstreamNotFound(f"{media}: {errcode or 'not found'}")
         if status == 413:
             self._count("too_large")
@@ -463,14 +286,8 @@ class MediaFetcher:
             retry_after=retry_after,
         )
 
-    def _url(
-        self,
-        media: MediaId,
-        thumbnail: Thumbnail | None,
-        authenticated: bool,
-        query: dict[str, str],
-    ) -> URL:
-        path = self._base.raw_path.rstrip("/") + self.upstream_path(media, thumbnail, authenticated)
+    def _url(self, media: MediaId, authenticated: bool, query: dict[str, str]) -> URL:
+        path = self._base.raw_path.rstrip("/") + self.upstream_path(media, authenticated)
         return self._base.with_path(path, encoded=True).with_query(query)
 
     async def _get(self, url: URL) -> aiohttp.ClientResponse:

@@ -18,22 +18,14 @@ import pytest
 import pytest_asyncio
 
 from relay.core.mxc import MediaId, parse_mxc
-from relay.core.variant import Thumbnail
 from relay.devtools.local_synapse import LocalSynapse
 from relay.media.attachments import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
 from relay.media.cache import MediaCache
 from relay.media.downloads import MediaBody, MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
-from relay.upstream.fetcher import (
-    OUTCOMES,
-    MediaFetcher,
-    Timeouts,
-    UpstreamNotFound,
-    UpstreamTooLarge,
-    UpstreamUnauthorized,
-)
-from tests.harness import make_png
+from relay.upstream.errors import OUTCOMES, UpstreamNotFound, UpstreamTooLarge, UpstreamUnauthorized
+from relay.upstream.fetcher import MediaFetcher, Timeouts
 from tests.harness.fixtures import RelayRegistration
 from tests.harness.matrix_client import MatrixUser
 
@@ -183,21 +175,6 @@ async def test_cache_used_after_restart(make_parts: MakeParts, alice: MatrixUser
     assert body.content_type == "application/pdf"
     assert _requests(second.metrics) == {}
     assert second.metrics.value("relay_cache_hits") == 1
-
-
-async def test_thumbnail_from_homeserver(make_parts: MakeParts, alice: MatrixUser) -> None:
-    """A homeserver thumbnail is fetched and cached apart from the original."""
-    png = make_png(640, 480)
-    media = parse_mxc(await alice.upload(png, "image/png", "big.png"))
-    parts = await make_parts()
-    thumb = Thumbnail(32, 32, "crop")
-    entry = await parts.source.open_file(media, thumbnail=thumb)
-    assert entry.content_type.startswith("image/")
-    assert 0 < entry.length < len(png)
-    assert entry.path.read_bytes() != png
-    original = await parts.source.open_file(media)
-    assert original.path.read_bytes() == png
-    assert _requests(parts.metrics) == {"ok": 2}
 
 
 async def test_encrypted_attachment_round_trip(

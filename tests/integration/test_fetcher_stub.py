@@ -18,23 +18,21 @@ import pytest_asyncio
 from aiohttp import web
 
 from relay.core.mxc import InvalidMxc, MediaId
-from relay.core.variant import Thumbnail
+from relay.http.headers import filename_from_content_disposition
 from relay.media.attachments import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
-from relay.media.cache import MediaCache
+from relay.media.cache import CacheKey, MediaCache
 from relay.media.downloads import MediaBody, MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
-from relay.upstream.fetcher import (
+from relay.upstream.errors import (
     OUTCOMES,
-    MediaFetcher,
-    Timeouts,
     UpstreamError,
     UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamTooLarge,
     UpstreamUnauthorized,
-    filename_from_content_disposition,
 )
+from relay.upstream.fetcher import MediaFetcher, Timeouts
 from tests.harness.stub_homeserver import (
     AS_TOKEN,
     SERVER,
@@ -138,24 +136,17 @@ def _requests(metrics: Metrics) -> dict[str, float]:
 
 
 @pytest.mark.parametrize(
-    ("media", "thumbnail", "authenticated", "expected"),
+    ("media", "authenticated", "expected"),
     [
-        (
-            MediaId("example.org", "abc"),
-            None,
-            True,
-            "/_matrix/client/v1/media/download/example.org/abc",
-        ),
-        (MediaId("example.org", "abc"), None, False, "/_matrix/media/v3/download/example.org/abc"),
+        (MediaId("example.org", "abc"), True, "/_matrix/client/v1/media/download/example.org/abc"),
+        (MediaId("example.org", "abc"), False, "/_matrix/media/v3/download/example.org/abc"),
         (
             MediaId("example.org:8448", "a_b-c"),
-            Thumbnail(32, 32, "crop"),
             True,
-            "/_matrix/client/v1/media/thumbnail/example.org%3A8448/a_b-c",
+            "/_matrix/client/v1/media/download/example.org%3A8448/a_b-c",
         ),
         (
             MediaId("[::1]:8448", "abc"),
-            None,
             False,
             "/_matrix/media/v3/download/%5B%3A%3A1%5D%3A8448/abc",
         ),
@@ -164,7 +155,6 @@ def _requests(metrics: Metrics) -> dict[str, float]:
 async def test_upstream_path(
     session: aiohttp.ClientSession,
     media: MediaId,
-    thumbnail: Thumbnail | None,
     authenticated: bool,
     expected: str,
 ) -> None:
@@ -177,7 +167,7 @@ async def test_upstream_path(
         Metrics(),
         max_size=1,
     )
-    assert fetcher.upstream_path(media, thumbnail, authenticated) == expected
+    assert fetcher.upstream_path(media, authenticated) == expected
 
 
 @pytest.mark.parametrize(
@@ -201,7 +191,7 @@ async def test_hostile_media_ids_never_reach_the_homeserver(
     """A MediaId that is not strictly valid raises before any request is sent."""
     parts = await make_parts()
     with pytest.raises(InvalidMxc):
-        parts.fetcher.upstream_path(media, None, True)
+        parts.fetcher.upstream_path(media, True)
     with pytest.raises(InvalidMxc):
         await parts.source.open(media)
     assert stub.seen == []
@@ -274,26 +264,17 @@ async def test_cached_after_first_fetch(make_parts: MakeParts, stub: StubServer)
     assert parts.metrics.value("relay_cache_misses") == 1
 
 
-async def test_thumbnail_query_is_built_by_the_relay(
+async def test_download_query_is_built_by_the_relay(
     make_parts: MakeParts, stub: StubServer
 ) -> None:
-    """Thumbnail requests carry only width, height, method, animated and timeout_ms."""
-    stub.media["abc"] = serve_bytes(b"thumb", "image/jpeg")
+    """A download carries only the relay's timeout_ms; thumbnails are never asked upstream."""
+    stub.media["abc"] = serve_bytes(b"bytes", "image/jpeg")
     parts = await make_parts()
-    thumb = Thumbnail(96, 96, "crop")
-    entry = await parts.source.open_file(MediaId(SERVER, "abc"), thumbnail=thumb)
-    assert entry.path.read_bytes() == b"thumb"
+    entry = await parts.source.open_file(MediaId(SERVER, "abc"))
+    assert entry.path.read_bytes() == b"bytes"
     (req,) = stub.media_requests()
-    assert req.raw_path.startswith("/_matrix/client/v1/media/thumbnail/example.org/abc?")
-    assert req.query == {
-        "width": "96",
-        "height": "96",
-        "method": "crop",
-        "animated": "false",
-        "timeout_ms": "5000",
-    }
-    # The original is a different cache entry.
-    assert parts.cache.lookup(parts.source.cache_key(MediaId(SERVER, "abc"))) is None
+    assert req.raw_path.startswith("/_matrix/client/v1/media/download/example.org/abc?")
+    assert req.query == {"timeout_ms": "5000"}
 
 
 async def test_server_without_v1_11_uses_legacy_paths(
@@ -700,9 +681,10 @@ async def test_purge_removes_and_detaches(make_parts: MakeParts, stub: StubServe
     parts = await make_parts()
     media = MediaId(SERVER, "abc")
     await parts.source.open_file(media)
-    await parts.source.open_file(media, thumbnail=Thumbnail(32, 32, "crop"))
+    rendition = CacheKey(SERVER, "abc", "original+thumb-32x32-crop")
+    await parts.cache.put_bytes(rendition, b"thumb", "image/jpeg")
     assert len(parts.cache) == 2
-    await parts.source.purge(SERVER, "abc")
+    await parts.source.purge(MediaId(SERVER, "abc"))
     assert len(parts.cache) == 0
     stub.media["abc"] = serve_bytes(b"after")
     assert (await parts.source.open_file(media)).path.read_bytes() == b"after"
@@ -729,7 +711,7 @@ async def test_purge_during_download_caches_nothing(
     body = await parts.source.open(media)
     whole = asyncio.create_task(parts.source.open_file(media))
     await asyncio.sleep(0)
-    await parts.source.purge(SERVER, "abc")
+    await parts.source.purge(MediaId(SERVER, "abc"))
     gate.set()
     # A client already streaming finishes its response; nothing is kept afterwards.
     assert await _read(body) == b"a" * 1000 + b"b" * 1000

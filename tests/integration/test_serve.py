@@ -75,10 +75,10 @@ async def test_image_round_trip_with_headers(
     async def sent_whole() -> bool:
         # A small cached file goes out with its headers in one write (a large one by the
         # kernel: test_large_file_is_sent_by_the_kernel), never copied chunk by chunk.
-        return server.files_sent_buffered >= 1
+        return server.sender.files_sent_buffered >= 1
 
     await eventually(sent_whole)
-    assert server.files_sent_copied == 0
+    assert server.sender.files_sent_copied == 0
 
 
 async def test_large_file_is_sent_by_the_kernel(
@@ -91,7 +91,7 @@ async def test_large_file_is_sent_by_the_kernel(
     assert (await fetch(http_session, url))[2] == data  # downloads and caches it
     server = relay.media_server
     assert server is not None
-    sent_before = server.files_sent_zero_copy
+    sent_before = server.sender.files_sent_zero_copy
     for _ in range(2):  # the full path, then the remembered answer
         status, headers, body = await fetch(http_session, url)
         assert (status, body) == (200, data)
@@ -102,10 +102,10 @@ async def test_large_file_is_sent_by_the_kernel(
 
     async def sent_by_kernel() -> bool:
         # Counted once the server's sendfile call has returned (after the client has the bytes).
-        return server.files_sent_zero_copy >= sent_before + 3
+        return server.sender.files_sent_zero_copy >= sent_before + 3
 
     await eventually(sent_by_kernel)
-    assert server.files_sent_copied == 0
+    assert server.sender.files_sent_copied == 0
 
 
 async def test_link_works_without_the_prefix(

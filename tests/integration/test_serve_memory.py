@@ -28,12 +28,14 @@ from relay.core.signing import KeyRing, LinkClaims, SigningKey, sign
 from relay.core.variant import Thumbnail
 from relay.media.cache import MediaCache
 from relay.media.downloads import MediaSource
+from relay.media.pipeline import RECORD_TTL, MediaPipeline
+from relay.media.renditions import Renditions
 from relay.media.revocation import RevocationCheck
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher, Timeouts
 from relay.web.middleware import error_middleware
-from relay.web.public import READY_TTL, RECORD_TTL, SMALL_BODY, MediaServer
+from relay.web.public import READY_TTL, SMALL_BODY, MediaServer
 from tests.harness.loopback import start_loopback
 from tests.harness.stub_homeserver import AS_TOKEN, SERVER, FakeClock, StubServer, serve_bytes
 
@@ -131,16 +133,10 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         cache = MediaCache(tmp_path / "cache", 1 << 26, metrics)
         await cache.start()
         source = MediaSource(fetcher, cache, metrics)
-        server = MediaServer(
-            ring,
-            records,
-            revocations,
-            source,
-            metrics,
-            path_prefix="/m",
-            clock=wall,
-            monotonic=mono,
+        pipeline = MediaPipeline(
+            records, revocations, source, Renditions(source, metrics), monotonic=mono
         )
+        server = MediaServer(ring, pipeline, metrics, path_prefix="/m", clock=wall, monotonic=mono)
         app = web.Application(middlewares=[server.middleware, error_middleware])
         app.add_routes(server.routes())
         runner, port = await start_loopback(app)
@@ -258,15 +254,12 @@ async def test_a_new_key_ring_does_not_inherit_remembered_tokens(world: World) -
     url = world.link("small")
     await warm(world, url, SMALL)
     ring = KeyRing([SigningKey("k2", b"n" * 32)])
+    source = MediaSource(world.fetcher, world.cache, world.metrics)
+    pipeline = MediaPipeline(
+        world.records, world.revocations, source, Renditions(source, world.metrics)
+    )
     restarted = MediaServer(
-        ring,
-        world.records,
-        world.revocations,
-        MediaSource(world.fetcher, world.cache, world.metrics),
-        world.metrics,
-        path_prefix="/m",
-        clock=world.wall,
-        monotonic=world.mono,
+        ring, pipeline, world.metrics, path_prefix="/m", clock=world.wall, monotonic=world.mono
     )
     app = web.Application(middlewares=[restarted.middleware, error_middleware])
     app.add_routes(restarted.routes())
@@ -367,13 +360,13 @@ async def test_small_files_go_in_one_write_large_ones_by_sendfile(
     url = world.link(media_id)
     await world.get(url)  # downloads it (streamed, or from the file if that was quicker)
     server = world.server
-    before = (server.files_sent_buffered, server.files_sent_zero_copy)
+    before = (server.sender.files_sent_buffered, server.sender.files_sent_zero_copy)
     sent_bytes = world.metrics.value("relay_served_bytes")
     for _ in range(2):  # the full path from the cache, then the remembered answer
         status, _, body = await world.get(url)
         assert (status, body) == (200, data)
-    after = (server.files_sent_buffered, server.files_sent_zero_copy)
+    after = (server.sender.files_sent_buffered, server.sender.files_sent_zero_copy)
     assert (after[0] - before[0], after[1] - before[1]) == (2 - kernel, kernel)
-    assert server.files_sent_copied == 0
+    assert server.sender.files_sent_copied == 0
     assert world.metrics.value("relay_served_bytes") == sent_bytes + 2 * len(data)
     assert world.metrics.value("relay_served_requests", {"status": "200"}) == 3

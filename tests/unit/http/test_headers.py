@@ -14,6 +14,7 @@ from relay.http.headers import (
     content_disposition,
     etag,
     is_inline_safe,
+    media_type,
     normalise_content_type,
     safe_filename,
     security_headers,
@@ -104,6 +105,22 @@ SPEC_FILE = (
 def test_normalise_content_type(raw: str | None, expected: str) -> None:
     """Content types are lowercased, stripped to a valid charset, and garbage is octet-stream."""
     assert normalise_content_type(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("image/JPEG; charset=x", "image/jpeg"),
+        (" text/plain ", "text/plain"),
+        ("text/html;charset=utf-8", "text/html"),
+        (None, "application/octet-stream"),
+        ("", "application/octet-stream"),
+        ("not a type", "application/octet-stream"),
+    ],
+)
+def test_media_type(raw: str | None, expected: str) -> None:
+    """The one content-type parser: lower-case type/subtype without parameters."""
+    assert media_type(raw) == expected
 
 
 def test_inline_list_is_exactly_the_specs() -> None:

@@ -21,13 +21,12 @@ from relay.core.events import EncryptionInfo
 from relay.core.mxc import MediaId
 from relay.core.variant import Thumbnail, variant_key
 from relay.media.cache import CacheEntry, CacheKey, MediaCache
-from relay.media.downloads import FileBody, MediaSource
+from relay.media.downloads import MediaSource
 from relay.media.renditions import (
     STRIPPED,
     RenditionFailed,
     Renditions,
     derived_key,
-    essence,
     thumbnail_filename,
     to_matrix_error,
 )
@@ -40,7 +39,8 @@ from relay.media.thumbnails import (
     UnreadableImage,
 )
 from relay.support.metrics import Metrics
-from relay.upstream.fetcher import MediaFetcher, UpstreamNotFound
+from relay.upstream.errors import UpstreamNotFound
+from relay.upstream.fetcher import MediaFetcher
 from tests.harness.images import GPS_IFD, bomb_png, gps_jpeg, image_bytes
 from tests.harness.waiting import eventually
 
@@ -141,15 +141,6 @@ def test_derived_keys_never_collide(source: CacheKey, rendition: str) -> None:
 def test_thumbnail_filename(filename: str | None, content_type: str, expected: str | None) -> None:
     """A thumbnail is named after the original with the extension of its own type."""
     assert thumbnail_filename(filename, content_type) == expected
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [("image/JPEG; charset=x", "image/jpeg"), (" text/plain ", "text/plain"), (None, ""), ("", "")],
-)
-def test_essence(raw: str | None, expected: str) -> None:
-    """Content types compare by lower-case type/subtype without parameters."""
-    assert essence(raw) == expected
 
 
 @pytest.mark.parametrize(
@@ -268,7 +259,7 @@ async def test_purge_during_render_commits_nothing(world: World) -> None:
     renditions = world.renditions()
     task = asyncio.create_task(renditions.thumbnail(MEDIA, None, THUMB))
     await world.render_started()
-    await world.source.purge(MEDIA.server_name, MEDIA.media_id)
+    await world.source.purge(MEDIA)
     with pytest.raises(UpstreamNotFound):
         await task
     assert len(world.cache) == 0
@@ -302,7 +293,7 @@ async def test_gps_is_stripped_and_pixels_kept(world: World) -> None:
     data = gps_jpeg()
     source = await world.put_original(data, "image/jpeg")
     renditions = world.renditions()
-    body = await renditions.original(MEDIA, None, FileBody(source), "image/jpeg")
+    body = await renditions.stripped(MEDIA, None, source, "image/jpeg")
     assert body.path is not None and body.path != source.path
     served = body.path.read_bytes()
     assert body.sha256 == hashlib.sha256(served).hexdigest()
@@ -315,7 +306,7 @@ async def test_gps_is_stripped_and_pixels_kept(world: World) -> None:
         assert out.tobytes() == original.tobytes()
     assert b"PhoneMaker" not in served
     assert derived_key(MediaSource.cache_key(MEDIA), STRIPPED) in world.cache
-    again = await renditions.original(MEDIA, None, FileBody(source), "image/jpeg")
+    again = await renditions.stripped(MEDIA, None, source, "image/jpeg")
     assert again.path == body.path
     assert world.temp_files() == []
 
@@ -324,12 +315,11 @@ async def test_clean_original_is_served_as_is_and_remembered(world: World) -> No
     """An image with nothing to strip is served as the original and not scanned again."""
     source = await world.put_original(image_bytes("PNG"), "image/png")
     renditions = world.renditions()
-    body = await renditions.original(MEDIA, None, FileBody(source), "image/png")
+    body = await renditions.stripped(MEDIA, None, source, "image/png")
     assert (body.path, body.sha256) == (source.path, source.sha256)
     assert len(world.cache) == 1
     misses = world.metrics.value("relay_cache_misses")
-    given = FileBody(source)
-    assert await renditions.original(MEDIA, None, given, "image/png") is given
+    assert await renditions.stripped(MEDIA, None, source, "image/png") is source
     assert world.metrics.value("relay_cache_misses") == misses
 
 
@@ -341,8 +331,5 @@ async def test_stripping_off_or_unhandled_type_serves_the_body_as_is(
     world: World, content_type: str, strip: bool
 ) -> None:
     """strip_metadata: false, and types strip_metadata cannot clean, pass the body through."""
-    source = await world.put_original(gps_jpeg(), content_type)
-    given = FileBody(source)
     renditions = world.renditions(strip_metadata=strip)
-    assert await renditions.original(MEDIA, None, given, content_type) is given
-    assert len(world.cache) == 1
+    assert renditions.strips(content_type) is False

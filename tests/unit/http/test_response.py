@@ -1,4 +1,4 @@
-"""The serving decisions that need no server: plan_response, content type and filename choice."""
+"""The response plan: status and headers from the request and what is known of the body."""
 
 from __future__ import annotations
 
@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 
 from relay.core.errors import MatrixError
-from relay.core.events import EncryptionInfo
-from relay.core.mxc import MediaId
-from relay.core.records import MediaRecord
-from relay.core.signing import LinkClaims
-from relay.web.public import choose_content_type, choose_filename, plan_response
+from relay.http.response import plan_response
 
 DATA = b"0123456789"
 SHA = hashlib.sha256(DATA).hexdigest()
 TAG = f'"{SHA}"'
-MEDIA = MediaId("example.org", "abc")
-KEY = EncryptionInfo(key=b"k" * 32, iv=b"i" * 16, sha256=b"h" * 32)
 
 
 @dataclass
@@ -36,14 +30,6 @@ class Body:
 
 
 STREAMING = Body(sha256=None, path=None)
-
-
-def record(
-    mimetype: str | None = "image/png",
-    filename: str | None = "event.png",
-    encryption: EncryptionInfo | None = None,
-) -> MediaRecord:
-    return MediaRecord(MEDIA, "!r:example.org", "$e", mimetype, 10, filename, encryption)
 
 
 @pytest.mark.parametrize(
@@ -95,44 +81,3 @@ def test_unsatisfiable_range_is_416(header: str) -> None:
         plan_response("GET", {"Range": header}, Body(), "image/png", None, 60)
     assert e.value.status == 416
     assert e.value.headers["Content-Range"] == "bytes */10"
-
-
-@pytest.mark.parametrize(
-    ("content_type", "rec", "expected"),
-    [
-        ("image/png", None, "image/png"),
-        ("IMAGE/PNG", record(mimetype="text/html"), "image/png"),
-        ("", None, "application/octet-stream"),
-        ("application/octet-stream", record(mimetype="text/plain", encryption=KEY), "text/plain"),
-        (
-            "application/octet-stream",
-            record(mimetype=None, encryption=KEY),
-            "application/octet-stream",
-        ),
-        (
-            "application/octet-stream",
-            record(mimetype="not a type", encryption=KEY),
-            "application/octet-stream",
-        ),
-    ],
-)
-def test_content_type_choice(content_type: str, rec: MediaRecord | None, expected: str) -> None:
-    """The homeserver's type, except for decrypted media, where the event's type counts."""
-    assert choose_content_type(Body(content_type=content_type), rec) == expected
-
-
-@pytest.mark.parametrize(
-    ("signed", "rec", "upstream", "expected"),
-    [
-        ("signed.png", record(), "upstream.png", "signed.png"),
-        (None, record(), "upstream.png", "event.png"),
-        (None, record(filename=None), "upstream.png", "upstream.png"),
-        (None, None, None, None),
-    ],
-)
-def test_filename_choice(
-    signed: str | None, rec: MediaRecord | None, upstream: str | None, expected: str | None
-) -> None:
-    """The signed filename wins, then the event's, then the homeserver's."""
-    claims = LinkClaims(MEDIA, None, signed, 100)
-    assert choose_filename(claims, rec, Body(filename=upstream)) == expected

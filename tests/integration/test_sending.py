@@ -1,4 +1,4 @@
-"""relay.web.sendfile over real sockets and files: what is sent, and a client that hangs up."""
+"""relay.web.sending over real sockets and files: what is sent, and a client that hangs up."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from relay.web.sendfile import close_quietly, open_cached, read_cached, send_file
+from relay.web.sending import close_quietly, open_cached, read_cached, send_file
 from tests.harness.loopback import start_loopback
 from tests.harness.waiting import eventually
 
