@@ -23,15 +23,14 @@ stored makes the whole event malformed, so one event can never fail an insert.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from relay.core.attachment_keys import EncryptionInfo, parse_encrypted_file
+from relay.core.limits import MAX_CONTENT_TYPE_LENGTH, MAX_FILENAME_LENGTH
 from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
 
 # Matrix spec, appendices, "Canonical JSON": integers lie in [-(2**53)+1, 2**53-1]
@@ -42,33 +41,12 @@ MAX_DIMENSION = 2**31 - 1
 # Envelope strings (ids): Appendices, "Identifier grammar" bounds user, room and event
 # ids at 255 bytes.
 _MAX_ID_LENGTH = 255
-# RFC 6838 section 4.2: type and subtype names are at most 127 characters each.
-_MAX_MIMETYPE_LENGTH = 255
-_MAX_FILENAME_LENGTH = 255
 # Client-Server API "m.room.message msgtypes": for these, `body` is the file name
 # unless a separate `filename` is given (then `body` is a caption).
 _FILE_MSGTYPES = frozenset({"m.file", "m.image", "m.video", "m.audio"})
 # Appendices, "Event IDs": at most 255 bytes including the `$` sigil. We accept
 # printable ASCII only: every room version's event ids fit in it.
 _EVENT_ID = re.compile(r"\$[\x21-\x7e]{1,254}")
-_STD_B64 = re.compile(r"[A-Za-z0-9+/]*")
-_URLSAFE_B64 = re.compile(r"[A-Za-z0-9_-]*")
-
-KEY_BYTES = 32  # AES-256
-IV_BYTES = 16  # 128-bit counter block
-SHA256_BYTES = 32
-
-
-def check_key_material(key: object, iv: object, sha256: object) -> None:
-    """Raise ValueError unless these have the lengths EncryptedFile v2 requires."""
-    for name, value, length in (
-        ("key", key, KEY_BYTES),
-        ("iv", iv, IV_BYTES),
-        ("sha256", sha256, SHA256_BYTES),
-    ):
-        if not isinstance(value, bytes) or len(value) != length:
-            raise ValueError(f"encrypted file {name} must be {length} bytes")
-
 
 class Role(StrEnum):
     """What a media reference is to the event that holds it."""
@@ -80,49 +58,6 @@ class Role(StrEnum):
 
 class MalformedEvent(ValueError):
     """The event (or content) is not a well-formed client-format room event."""
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class EncryptionInfo:
-    """Validated key material of an EncryptedFile (v2): enough to decrypt and verify it.
-
-    ``repr`` never shows the key or the IV: these objects end up in log lines.
-    """
-
-    key: bytes
-    iv: bytes
-    sha256: bytes
-
-    def __post_init__(self) -> None:
-        check_key_material(self.key, self.iv, self.sha256)
-
-    def __repr__(self) -> str:
-        return f"EncryptionInfo(key=<redacted>, iv=<redacted>, sha256={_b64(self.sha256)!r})"
-
-    def to_json(self) -> str:
-        """Compact JSON for database storage (the same encodings the event used)."""
-        return json.dumps(
-            {
-                "k": _b64(self.key, urlsafe=True),
-                "iv": _b64(self.iv),
-                "sha256": _b64(self.sha256),
-            },
-            separators=(",", ":"),
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, raw: str) -> EncryptionInfo:
-        """Inverse of :meth:`to_json`; raises ``ValueError`` on anything else."""
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("stored EncryptionInfo is not a JSON object")
-        key = _unb64(data.get("k"), urlsafe=True)
-        iv = _unb64(data.get("iv"))
-        sha256 = _unb64(data.get("sha256"))
-        if key is None or iv is None or sha256 is None:
-            raise ValueError("stored EncryptionInfo has a missing or undecodable field")
-        return cls(key=key, iv=iv, sha256=sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,44 +265,11 @@ def _plain(out: _Collector, value: object, site: _Site, *, removable: bool) -> N
 
 
 def _encrypted(out: _Collector, value: object, site: _Site) -> None:
-    parsed = _parse_encrypted_file(value)
+    parsed = parse_encrypted_file(value)
     if parsed is None:
         out.invalid += 1
         return
     out.add(site.reference(*parsed))
-
-
-def _parse_encrypted_file(value: object) -> tuple[MediaId, EncryptionInfo] | None:
-    """Validate an EncryptedFile (Client-Server API, "Sending encrypted attachments")."""
-    if not isinstance(value, Mapping) or value.get("v") != "v2":
-        return None
-    try:
-        media = parse_mxc(value.get("url"))
-    except InvalidMxc:
-        return None
-    jwk = value.get("key")
-    hashes = value.get("hashes")
-    if not isinstance(jwk, Mapping) or not isinstance(hashes, Mapping):
-        return None
-    key_ops = jwk.get("key_ops")
-    # The spec requires key_ops ⊇ {encrypt, decrypt} and ext = true; recipients only
-    # need "decrypt", so that is all we insist on (clients differ on the rest).
-    if (
-        jwk.get("kty") != "oct"
-        or jwk.get("alg") != "A256CTR"
-        or not isinstance(key_ops, list)
-        or "decrypt" not in key_ops
-    ):
-        return None
-    key = _unb64(jwk.get("k"), urlsafe=True)
-    iv = _unb64(value.get("iv"))
-    sha256 = _unb64(hashes.get("sha256"))
-    if key is None or iv is None or sha256 is None:
-        return None
-    try:
-        return media, EncryptionInfo(key=key, iv=iv, sha256=sha256)
-    except ValueError:  # wrong lengths
-        return None
 
 
 def storable_text(value: str) -> bool:
@@ -389,7 +291,7 @@ def _meta(info: Mapping[str, Any] | None, out: _Collector) -> _Meta:
     if info is None:
         return _Meta()
     return _Meta(
-        mimetype=_text(info.get("mimetype"), _MAX_MIMETYPE_LENGTH, out),
+        mimetype=_text(info.get("mimetype"), MAX_CONTENT_TYPE_LENGTH, out),
         size=_count(info.get("size"), MAX_JSON_INT, out),
         width=_count(info.get("w"), MAX_DIMENSION, out),
         height=_count(info.get("h"), MAX_DIMENSION, out),
@@ -410,14 +312,14 @@ def _filename(content: Mapping[str, Any], event_type: str | None, out: _Collecto
     # Client-Server API, "m.room.message msgtypes" (v1.10+): when `filename` is
     # present, `body` is a caption, so we never fall back to it.
     if "filename" in content:
-        return _text(content["filename"], _MAX_FILENAME_LENGTH, out)
+        return _text(content["filename"], MAX_FILENAME_LENGTH, out)
     msgtype = content.get("msgtype")
     if (
         event_type in (None, "m.room.message")
         and isinstance(msgtype, str)
         and msgtype in _FILE_MSGTYPES
     ):
-        return _text(content.get("body"), _MAX_FILENAME_LENGTH, out)
+        return _text(content.get("body"), MAX_FILENAME_LENGTH, out)
     return None
 
 
@@ -428,30 +330,3 @@ def _text(value: object, max_length: int, out: _Collector) -> str | None:
         return value
     out.dropped += 1
     return None
-
-
-# --- base64 (Matrix spec appendices, "Unpadded Base64" / "URL-safe Unpadded Base64") ---
-
-
-def _b64(data: bytes, *, urlsafe: bool = False) -> str:
-    encoded = base64.urlsafe_b64encode(data) if urlsafe else base64.b64encode(data)
-    return encoded.decode("ascii").rstrip("=")
-
-
-def _unb64(value: object, *, urlsafe: bool = False) -> bytes | None:
-    """Decode (URL-safe) unpadded Base64; padding is tolerated, as the appendix asks."""
-    if not isinstance(value, str):
-        return None
-    stripped = value.rstrip("=")
-    alphabet = _URLSAFE_B64 if urlsafe else _STD_B64
-    if len(value) - len(stripped) > 2 or not alphabet.fullmatch(stripped):
-        return None
-    if len(stripped) % 4 == 1:
-        return None
-    padded = stripped + "=" * (-len(stripped) % 4)
-    try:
-        if urlsafe:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        return None

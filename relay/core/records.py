@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.core.events import EncryptionInfo
+from relay.core.attachment_keys import EncryptionInfo
 from relay.core.mxc import MediaId
 
 

@@ -18,9 +18,9 @@ import re
 import unicodedata
 from urllib.parse import quote, unquote
 
+from relay.core.limits import MAX_CONTENT_TYPE_LENGTH, MAX_FILENAME_LENGTH
+
 OCTET_STREAM = "application/octet-stream"
-MAX_CONTENT_TYPE_LENGTH = 255
-MAX_FILENAME_LENGTH = 255
 # An extension longer than this is not kept whole when a long filename is cut.
 _MAX_KEPT_EXTENSION = 16
 

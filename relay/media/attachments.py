@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from relay.core.attachment_keys import check_key_material
 from relay.core.errors import Codes, MatrixError
-from relay.core.events import KEY_BYTES, check_key_material
 from relay.upstream.errors import FetchError
 
 
@@ -94,21 +93,3 @@ class AttachmentDecryptor:
         """Raise CiphertextHashMismatch unless the whole ciphertext hashed as expected."""
         if not self.matches():
             raise CiphertextHashMismatch("ciphertext SHA-256 does not match the event")
-
-
-class EncryptedAttachment:
-    """Plain bytes holder satisfying EncryptionLike (tests, demo and CLI use it)."""
-
-    def __init__(self, key: bytes, iv: bytes, sha256: bytes) -> None:
-        self.key = key
-        self.iv = iv
-        self.sha256 = sha256
-
-
-def encrypt_attachment(plaintext: bytes) -> tuple[bytes, EncryptedAttachment]:
-    """Encrypt like a Matrix client does: random key, 64-bit random IV prefix, zero counter."""
-    key = os.urandom(KEY_BYTES)
-    iv = os.urandom(8) + b"\0" * 8
-    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
-    ciphertext = enc.update(plaintext) + enc.finalize()
-    return ciphertext, EncryptedAttachment(key, iv, hashlib.sha256(ciphertext).digest())

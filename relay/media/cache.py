@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from relay.support.atomic import write_atomic
 from relay.support.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -257,18 +258,6 @@ class MediaCache:
         self._writers.add(writer)
         return writer
 
-    async def put_bytes(
-        self, key: CacheKey, data: bytes, content_type: str, filename: str | None = None
-    ) -> CacheEntry | None:
-        """Store a small complete body (e.g. a thumbnail the relay rendered)."""
-        writer = self.begin(key)
-        try:
-            await writer.write(data)
-            return await writer.commit(content_type, filename)
-        except BaseException:
-            writer.abort()
-            raise
-
     async def _commit(
         self, writer: CacheWriter, content_type: str, filename: str | None, sha256: str
     ) -> CacheEntry | None:
@@ -314,9 +303,7 @@ class MediaCache:
         body.parent.mkdir(parents=True, exist_ok=True)
         # Body first, sidecar last: the sidecar marks the entry complete (see _scan).
         os.replace(tmp, body)
-        meta_tmp = body.with_name(f".{body.name}.{secrets.token_hex(4)}")
-        meta_tmp.write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(meta_tmp, _meta_path(body))
+        write_atomic(_meta_path(body), json.dumps(meta).encode())
 
     # -- removal ------------------------------------------------------------------------
 

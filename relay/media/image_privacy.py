@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from relay.http.headers import media_type
+
 # A piece of the output: a (start, end) range of the source, or new bytes.
 Piece = tuple[int, int] | bytes
 
@@ -46,7 +48,7 @@ def strip_metadata(src: Path, dst: Path, content_type: str) -> bool:
     or the file is malformed (``dst`` is then not written and the caller serves the
     original). Only I/O errors on the two files raise (``OSError``).
     """
-    planner = _PLANNERS.get(content_type.split(";", 1)[0].strip().lower())
+    planner = _PLANNERS.get(media_type(content_type))
     if planner is None:
         return False
     with src.open("rb") as f:

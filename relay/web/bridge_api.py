@@ -25,12 +25,8 @@ from aiohttp import web
 
 from relay.config.settings import BridgeConfig
 from relay.core.errors import Codes, MatrixError
-from relay.core.events import (
-    MalformedEvent,
-    MediaReference,
-    Role,
-    extract_from_content,
-)
+from relay.core.events import MalformedEvent, MediaReference, Role, extract_from_content
+from relay.core.limits import MAX_FILENAME_LENGTH
 from relay.core.minting import LinkMinter, SignedLink
 from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
 from relay.core.records import MediaRecord
@@ -39,7 +35,7 @@ from relay.core.signing import (
     MAX_THUMBNAIL_SIDE,
 )
 from relay.core.variant import THUMBNAIL_METHODS, Thumbnail, Variant
-from relay.http.headers import safe_filename
+from relay.http.headers import media_type, safe_filename
 from relay.media.revocation import RevocationCheck
 from relay.support.metrics import Metrics
 from relay.web.auth import bearer_token, matching_token
@@ -49,7 +45,6 @@ log = logging.getLogger(__name__)
 
 SIGN_PATH = "/_relay/v1/sign"
 REWRITE_PATH = "/_relay/v1/rewrite"
-MAX_FILENAME_LENGTH = 255
 # The preview offered beside every image by /rewrite: the size chat clients commonly
 # show inline (and one of the sizes Synapse pre-generates, so previews look alike).
 REWRITE_THUMBNAIL = Thumbnail(320, 240, "scale")
@@ -246,7 +241,7 @@ def _has_preview(ref: MediaReference, event_type: str | None) -> bool:
     """Whether a rewritten reference gets a thumbnail link: image attachments and stickers."""
     if ref.role is not Role.CONTENT:
         return False
-    mimetype = (ref.mimetype or "").split(";", 1)[0].strip().lower()
+    mimetype = media_type(ref.mimetype)
     if mimetype in THUMBNAILABLE_TYPES:
         return True
     # m.sticker: "the image" (Client-Server API, "Sticker Messages"); its mimetype is optional.

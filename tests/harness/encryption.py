@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from relay.core.attachment_keys import KEY_BYTES
 from relay.media.attachments import EncryptionLike
 
 
@@ -29,3 +34,21 @@ def encrypted_file_json(mxc: str, enc: EncryptionLike) -> dict[str, Any]:
         "hashes": {"sha256": b64(enc.sha256)},
         "v": "v2",
     }
+
+
+class EncryptedAttachment:
+    """Plain bytes holder satisfying EncryptionLike ."""
+
+    def __init__(self, key: bytes, iv: bytes, sha256: bytes) -> None:
+        self.key = key
+        self.iv = iv
+        self.sha256 = sha256
+
+
+def encrypt_attachment(plaintext: bytes) -> tuple[bytes, EncryptedAttachment]:
+    """Encrypt like a Matrix client does: random key, 64-bit random IV prefix, zero counter."""
+    key = os.urandom(KEY_BYTES)
+    iv = os.urandom(8) + b"\0" * 8
+    enc = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    ciphertext = enc.update(plaintext) + enc.finalize()
+    return ciphertext, EncryptedAttachment(key, iv, hashlib.sha256(ciphertext).digest())

@@ -10,9 +10,8 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.media.attachments import encrypt_attachment
 from tests.harness import make_png
-from tests.harness.encryption import encrypted_file_json
+from tests.harness.encryption import encrypt_attachment, encrypted_file_json
 from tests.harness.links import fetch, post_media, wait_recorded
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay

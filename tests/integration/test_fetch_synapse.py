@@ -19,13 +19,14 @@ import pytest_asyncio
 
 from relay.core.mxc import MediaId, parse_mxc
 from relay.devtools.local_synapse import LocalSynapse
-from relay.media.attachments import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
+from relay.media.attachments import CiphertextHashMismatch
 from relay.media.cache import MediaCache
 from relay.media.downloads import MediaBody, MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.errors import OUTCOMES, UpstreamNotFound, UpstreamTooLarge, UpstreamUnauthorized
 from relay.upstream.fetcher import MediaFetcher, Timeouts
+from tests.harness.encryption import EncryptedAttachment, encrypt_attachment
 from tests.harness.fixtures import RelayRegistration
 from tests.harness.matrix_client import MatrixUser
 

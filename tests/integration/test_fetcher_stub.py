@@ -19,7 +19,7 @@ from aiohttp import web
 
 from relay.core.mxc import InvalidMxc, MediaId
 from relay.http.headers import filename_from_content_disposition
-from relay.media.attachments import CiphertextHashMismatch, EncryptedAttachment, encrypt_attachment
+from relay.media.attachments import CiphertextHashMismatch
 from relay.media.cache import CacheKey, MediaCache
 from relay.media.downloads import MediaBody, MediaSource
 from relay.support.metrics import Metrics
@@ -33,6 +33,8 @@ from relay.upstream.errors import (
     UpstreamUnauthorized,
 )
 from relay.upstream.fetcher import MediaFetcher, Timeouts
+from tests.harness.cache import put_bytes
+from tests.harness.encryption import EncryptedAttachment, encrypt_attachment
 from tests.harness.stub_homeserver import (
     AS_TOKEN,
     SERVER,
@@ -682,7 +684,7 @@ async def test_purge_removes_and_detaches(make_parts: MakeParts, stub: StubServe
     media = MediaId(SERVER, "abc")
     await parts.source.open_file(media)
     rendition = CacheKey(SERVER, "abc", "original+thumb-32x32-crop")
-    await parts.cache.put_bytes(rendition, b"thumb", "image/jpeg")
+    await put_bytes(parts.cache, rendition, b"thumb", "image/jpeg")
     assert len(parts.cache) == 2
     await parts.source.purge(MediaId(SERVER, "abc"))
     assert len(parts.cache) == 0

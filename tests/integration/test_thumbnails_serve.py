@@ -16,10 +16,9 @@ from PIL import Image
 from relay.app import Relay
 from relay.core.exit_codes import EXIT_OK, EXIT_USAGE
 from relay.core.mxc import parse_mxc
-from relay.media.attachments import encrypt_attachment
 from relay.media.downloads import MediaSource
 from relay.media.renditions import derived_key
-from tests.harness.encryption import encrypted_file_json
+from tests.harness.encryption import encrypt_attachment, encrypted_file_json
 from tests.harness.images import GPS_IFD, bomb_png, gps_jpeg, image_bytes
 from tests.harness.links import errcode, fetch, post_media, run_sign, sign, wait_recorded
 from tests.harness.matrix_client import MatrixUser

@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
+from relay.core.attachment_keys import EncryptionInfo
 from relay.core.events import (
-    EncryptionInfo,
     Extraction,
     MalformedEvent,
     MediaReference,

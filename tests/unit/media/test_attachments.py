@@ -10,11 +10,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from relay.media.attachments import (
     AttachmentDecryptor,
     CiphertextHashMismatch,
-    EncryptedAttachment,
-    encrypt_attachment,
     plaintext_variant,
     validate_encryption,
 )
+from tests.harness.encryption import EncryptedAttachment, encrypt_attachment
 
 # Spec "Sending encrypted attachments" example shape: 32-byte key, 16-byte IV whose
 # lower 64 bits (the counter) start at zero.

@@ -10,6 +10,7 @@ import pytest
 
 from relay.media.cache import CacheKey, MediaCache
 from relay.support.metrics import Metrics
+from tests.harness.cache import put_bytes
 
 KEY = CacheKey("example.org", "abc", "original")
 
@@ -29,7 +30,7 @@ async def test_put_then_lookup_hit(tmp_path: Path) -> None:
     """A committed entry is found with its bytes, length, sha256, type and name."""
     cache, metrics = await _cache(tmp_path)
     data = b"hello cache"
-    await cache.put_bytes(KEY, data, "text/plain", "hello.txt")
+    await put_bytes(cache, KEY, data, "text/plain", "hello.txt")
     entry = cache.lookup(KEY)
     assert entry is not None
     assert entry.path.read_bytes() == data
@@ -67,8 +68,8 @@ async def test_variants_are_separate_entries(tmp_path: Path) -> None:
     """Plaintext (enc- variant) and ciphertext (original) of one mxc never collide."""
     cache, _ = await _cache(tmp_path)
     plain = CacheKey("example.org", "abc", "enc-1234-original")
-    await cache.put_bytes(KEY, b"ciphertext", "application/octet-stream")
-    await cache.put_bytes(plain, b"plaintext", "application/octet-stream")
+    await put_bytes(cache, KEY, b"ciphertext", "application/octet-stream")
+    await put_bytes(cache, plain, b"plaintext", "application/octet-stream")
     hit_plain, hit_cipher = cache.lookup(plain), cache.lookup(KEY)
     assert hit_plain is not None and hit_cipher is not None
     assert hit_plain.path.read_bytes() == b"plaintext"
@@ -78,9 +79,9 @@ async def test_variants_are_separate_entries(tmp_path: Path) -> None:
 async def test_survives_restart(tmp_path: Path) -> None:
     """A new MediaCache over the same directory finds every committed entry."""
     cache, _ = await _cache(tmp_path)
-    await cache.put_bytes(KEY, b"persisted", "image/png", "a.png")
+    await put_bytes(cache, KEY, b"persisted", "image/png", "a.png")
     other = CacheKey("example.org", "def", "thumb-32x32-crop")
-    await cache.put_bytes(other, b"thumb", "image/jpeg")
+    await put_bytes(cache, other, b"thumb", "image/jpeg")
     again, metrics = await _cache(tmp_path)
     assert len(again) == 2
     assert again.total_bytes == len(b"persisted") + len(b"thumb")
@@ -94,7 +95,7 @@ async def test_survives_restart(tmp_path: Path) -> None:
 async def test_start_removes_partial_and_corrupt_entries(tmp_path: Path) -> None:
     """Stray temp files, bodies without sidecar and bad sidecars are removed at start."""
     cache, _ = await _cache(tmp_path)
-    good = await cache.put_bytes(KEY, b"good", "text/plain")
+    good = await put_bytes(cache, KEY, b"good", "text/plain")
     assert good is not None
     stray = tmp_path / "tmp" / "0123.part"
     stray.write_bytes(b"partial download")
@@ -102,11 +103,11 @@ async def test_start_removes_partial_and_corrupt_entries(tmp_path: Path) -> None
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"no sidecar")
     bad_key = CacheKey("example.org", "bad", "original")
-    bad = await cache.put_bytes(bad_key, b"truncated later", "text/plain")
+    bad = await put_bytes(cache, bad_key, b"truncated later", "text/plain")
     assert bad is not None
     bad.path.write_bytes(b"trunc")  # length no longer matches the sidecar
     broken_key = CacheKey("example.org", "broken", "original")
-    broken = await cache.put_bytes(broken_key, b"x", "text/plain")
+    broken = await put_bytes(cache, broken_key, b"x", "text/plain")
     assert broken is not None
     broken.path.with_name(broken.path.name + ".json").write_text("{not json")
 
@@ -123,10 +124,10 @@ async def test_lru_eviction_under_cap(tmp_path: Path) -> None:
     """Past max_bytes the least recently used entry goes, and is counted."""
     cache, metrics = await _cache(tmp_path, max_bytes=10)
     a, b, c = (CacheKey("example.org", m, "original") for m in ("a", "b", "c"))
-    await cache.put_bytes(a, b"aaaa", "text/plain")
-    await cache.put_bytes(b, b"bbbb", "text/plain")
+    await put_bytes(cache, a, b"aaaa", "text/plain")
+    await put_bytes(cache, b, b"bbbb", "text/plain")
     assert cache.lookup(a) is not None  # a is now more recent than b
-    await cache.put_bytes(c, b"cccc", "text/plain")
+    await put_bytes(cache, c, b"cccc", "text/plain")
     assert b not in cache
     assert a in cache and c in cache
     assert cache.total_bytes == 8
@@ -138,8 +139,8 @@ async def test_entry_larger_than_cache_is_not_kept(tmp_path: Path) -> None:
     """An entry bigger than the whole cache is dropped instead of evicting everything."""
     cache, metrics = await _cache(tmp_path, max_bytes=10)
     small = CacheKey("example.org", "small", "original")
-    await cache.put_bytes(small, b"tiny", "text/plain")
-    await cache.put_bytes(KEY, b"x" * 11, "text/plain")
+    await put_bytes(cache, small, b"tiny", "text/plain")
+    await put_bytes(cache, KEY, b"x" * 11, "text/plain")
     assert KEY not in cache
     assert small in cache
     assert metrics.value("relay_cache_evictions") == 1
@@ -151,8 +152,8 @@ async def test_restart_applies_a_smaller_cap(tmp_path: Path) -> None:
     cache, _ = await _cache(tmp_path)
     old = CacheKey("example.org", "old", "original")
     new = CacheKey("example.org", "new", "original")
-    old_entry = await cache.put_bytes(old, b"oooooo", "text/plain")
-    new_entry = await cache.put_bytes(new, b"nnnnnn", "text/plain")
+    old_entry = await put_bytes(cache, old, b"oooooo", "text/plain")
+    new_entry = await put_bytes(cache, new, b"nnnnnn", "text/plain")
     assert old_entry is not None and new_entry is not None
     # Last access persists as the body's mtime.
     os.utime(old_entry.path, (1_000_000, 1_000_000))
@@ -167,7 +168,7 @@ async def test_restart_applies_a_smaller_cap(tmp_path: Path) -> None:
 async def test_vanished_file_is_a_miss(tmp_path: Path) -> None:
     """A body removed behind the cache's back is reported as a miss, not an error."""
     cache, metrics = await _cache(tmp_path)
-    entry = await cache.put_bytes(KEY, b"soon gone", "text/plain")
+    entry = await put_bytes(cache, KEY, b"soon gone", "text/plain")
     assert entry is not None
     entry.path.unlink()
     assert cache.lookup(KEY) is None
@@ -181,9 +182,9 @@ async def test_purge_removes_all_variants(tmp_path: Path) -> None:
     cache, _ = await _cache(tmp_path)
     variants = ["original", "thumb-32x32-crop", "enc-aa-original"]
     for v in variants:
-        await cache.put_bytes(CacheKey("example.org", "abc", v), v.encode(), "text/plain")
+        await put_bytes(cache, CacheKey("example.org", "abc", v), v.encode(), "text/plain")
     keep = CacheKey("example.org", "other", "original")
-    kept = await cache.put_bytes(keep, b"keep", "text/plain")
+    kept = await put_bytes(cache, keep, b"keep", "text/plain")
     assert kept is not None
     assert await cache.purge("example.org", "abc") == 3
     assert len(cache) == 1
@@ -227,7 +228,7 @@ async def test_hostile_keys_stay_under_root(tmp_path: Path, key: CacheKey) -> No
     """File names come from a hash, so no key can place a file outside the root."""
     root = tmp_path / "cache"
     cache, _ = await _cache(root)
-    entry = await cache.put_bytes(key, b"data", "text/plain")
+    entry = await put_bytes(cache, key, b"data", "text/plain")
     assert entry is not None
     assert entry.path.resolve().is_relative_to(root.resolve())
     assert entry.path.name == key.digest()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.core.events import EncryptionInfo
+from relay.core.attachment_keys import EncryptionInfo
 from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
 from relay.core.signing import LinkClaims

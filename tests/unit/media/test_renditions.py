@@ -17,7 +17,7 @@ from typing import cast
 import pytest
 from PIL import Image
 
-from relay.core.events import EncryptionInfo
+from relay.core.attachment_keys import EncryptionInfo
 from relay.core.mxc import MediaId
 from relay.core.variant import Thumbnail, variant_key
 from relay.media.cache import CacheEntry, CacheKey, MediaCache
@@ -41,6 +41,7 @@ from relay.media.thumbnails import (
 from relay.support.metrics import Metrics
 from relay.upstream.errors import UpstreamNotFound
 from relay.upstream.fetcher import MediaFetcher
+from tests.harness.cache import put_bytes
 from tests.harness.images import GPS_IFD, bomb_png, gps_jpeg, image_bytes
 from tests.harness.waiting import eventually
 
@@ -76,7 +77,7 @@ class World:
         self, data: bytes, content_type: str, encryption: EncryptionInfo | None = None
     ) -> CacheEntry:
         key = MediaSource.cache_key(MEDIA, encryption)
-        entry = await self.cache.put_bytes(key, data, content_type, "photo.orig")
+        entry = await put_bytes(self.cache, key, data, content_type, "photo.orig")
         assert entry is not None
         return entry
 
