@@ -14,6 +14,8 @@ from pathlib import Path
 from relay import __version__
 from relay.app import Relay, stop_signals
 from relay.cli.common import load_config, setup_logging
+from relay.cli.revoke import add_arguments as add_revoke_arguments
+from relay.cli.revoke import cmd_revoke
 from relay.config.errors import ConfigError
 from relay.config.loading import load_filling_secrets
 from relay.config.registration import write_registration
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sign even media the relay has not seen in a served room",
     )
+
+    revoke = sub.add_parser(
+        "revoke",
+        parents=[common],
+        help="revoke media (an mxc, or what an event, room or sender posted): links answer 410",
+    )
+    add_revoke_arguments(revoke)
 
     demo = sub.add_parser(
         "demo", help="start a throwaway local Synapse and the relay, post an image, print a link"
@@ -202,6 +211,8 @@ def _command(name: str | None) -> Callable[[argparse.Namespace], int]:
         from relay.cli.sign import cmd_sign
 
         return cmd_sign
+    if name == "revoke":
+        return cmd_revoke
     if name == "doctor":
         from relay.cli.doctor import cmd_doctor
 

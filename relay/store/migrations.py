@@ -124,3 +124,32 @@ async def upgrade_v3(conn: Connection, scheme: Scheme) -> None:
             updated_at BIGINT NOT NULL
         )"""
     )
+
+
+@upgrade_table.register(description="Revocation sources; the signing audit trail")  # type: ignore[call-arg, arg-type, untyped-decorator]
+async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
+    # Who revoked: a redaction (ingest), the operator (media-relay revoke) or the
+    # homeserver (revalidation found it gone). Rows before v4 all came from redactions.
+    await conn.execute(
+        "ALTER TABLE revoked_media ADD COLUMN source TEXT NOT NULL DEFAULT 'redaction'"
+    )
+    # media-relay revoke --room / --sender look references up by these.
+    await conn.execute("CREATE INDEX media_reference_room_idx ON media_reference (room_id)")
+    await conn.execute("CREATE INDEX media_reference_sender_idx ON media_reference (sender)")
+    # One row per signed link (bridge API and media-relay sign); times in ms since the epoch.
+    await conn.execute(
+        """CREATE TABLE signing_audit (
+            signed_at   BIGINT NOT NULL,
+            bridge      TEXT NOT NULL,
+            server_name TEXT NOT NULL,
+            media_id    TEXT NOT NULL,
+            variant     TEXT NOT NULL,
+            expires_at  BIGINT NOT NULL
+        )"""
+    )
+    # media-relay audit reads one item's rows in time order; the retention sweep
+    # deletes by time. No primary key: rows are only ever appended and swept.
+    await conn.execute(
+        "CREATE INDEX signing_audit_media_idx ON signing_audit (server_name, media_id, signed_at)"
+    )
+    await conn.execute("CREATE INDEX signing_audit_time_idx ON signing_audit (signed_at)")

@@ -1,0 +1,146 @@
+"""``media-relay revoke``: every selector, across two relay processes on one PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from relay.app import Relay
+from relay.config.loading import load
+from relay.core.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from relay.core.mxc import parse_mxc
+from relay.devtools.local_synapse import LocalSynapse, free_ports
+from relay.media.downloads import MediaSource
+from tests.harness import make_png
+from tests.harness.fixtures import RelayPorts, RelayRegistration
+from tests.harness.links import errcode, fetch, post_media, sign
+from tests.harness.matrix_client import MatrixUser
+from tests.harness.relay import MakeConfig, StartRelay, relay_config_dict, write_config
+from tests.harness.waiting import eventually
+
+pytestmark = pytest.mark.synapse
+
+
+async def run_cli(config_path: Path, *args: str) -> tuple[int, str, str]:
+    """The real command line in a subprocess: (exit status, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay",
+        *args,
+        "-c",
+        str(config_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def second_relay(
+    synapse: LocalSynapse,
+    registration: RelayRegistration,
+    database: str,
+    start_relay: StartRelay,
+    tmp_path: Path,
+) -> Relay:
+    """Another relay process's worth of state (own cache, own listeners) on the same database."""
+    workdir = tmp_path / "second"
+    workdir.mkdir()
+    ports = RelayPorts(*free_ports(2))
+    data = relay_config_dict(synapse, registration, ports, workdir, database)
+    return await start_relay(load(write_config(workdir / "config.yaml", data), {}))
+
+
+def on(relay: Relay, url: str, first: Relay) -> str:
+    """The same link, served by ``relay`` instead of ``first``."""
+    return url.replace(
+        f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{relay.config.public.port}"
+    )
+
+
+@pytest.mark.parametrize("selector", ["mxc", "--event", "--room", "--sender"])
+async def test_revoke_reaches_every_process_within_a_second(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+    selector: str,
+) -> None:
+    """After the command returns, both relays answer 410 within 1 s and drop their copy."""
+    first = await start_relay(make_config(database=postgres_url))
+    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    data = make_png(24, 24, (secrets.randbelow(256), secrets.randbelow(256), 7))
+    room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
+    url = (await sign(http_session, first, mxc))["url"]
+    links = [url, on(second, url, first)]
+    for link in links:
+        status, _, body = await fetch(http_session, link)
+        assert (status, body) == (200, data)
+
+    value = {"mxc": mxc, "--event": event_id, "--room": room_id, "--sender": alice.user_id}
+    args = [value[selector]] if selector == "mxc" else [selector, value[selector]]
+    code, out, err = await run_cli(tmp_path / "config.yaml", "revoke", *args)
+    revoked_at = time.monotonic()
+    assert code == EXIT_OK, err
+    assert out == f"revoked {mxc}\n"
+
+    for relay in (first, second):
+        link = on(relay, url, first)
+
+        async def refused(link: str = link) -> bool:
+            return (await fetch(http_session, link))[0] == 410
+
+        await eventually(refused, within=1.0, interval=0.05)
+        status, _, body = await fetch(http_session, link)
+        assert (status, errcode(body)) == (410, "M_NOT_FOUND")
+        assert data not in body
+        assert relay.media_source is not None
+        assert MediaSource.cache_key(parse_mxc(mxc)) not in relay.media_source.cache
+    assert time.monotonic() - revoked_at < 2.0
+
+    code, out, _ = await run_cli(tmp_path / "config.yaml", "revoke", *args)
+    assert (code, out) == (EXIT_OK, f"already revoked {mxc}\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "exactly one of"),
+        (["mxc://localhost/a", "--room", "!r:localhost"], "exactly one of"),
+        (["mxc://localhost/../../v3/joined_rooms"], "invalid media id"),
+        (["https://localhost/abc"], "must start with mxc://"),
+        (["--event", "not-an-event"], "--event 'not-an-event': expected an event id"),
+        (["--room", "#alias:localhost"], "expected a room id"),
+        (["--room", "!"], "expected a room id"),
+        (["--sender", "alice"], "expected a user id (@user:server)"),
+        (["--sender", "@alice:bad server"], "expected a user id"),
+    ],
+)
+async def test_malformed_input_is_one_line_and_exit_2(
+    make_config: MakeConfig, tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Bad input exits 2 with one line on stderr, nothing on stdout, and revokes nothing."""
+    make_config()
+    code, out, err = await run_cli(tmp_path / "config.yaml", "revoke", *args)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.count("\n") == 1 and message in err, err
+
+
+async def test_nothing_seen_is_an_error(make_config: MakeConfig, tmp_path: Path) -> None:
+    """A well-formed selector that matches nothing says so and exits 1 (a typo is visible)."""
+    make_config()
+    code, out, err = await run_cli(tmp_path / "config.yaml", "revoke", "--event", "$nope")
+    assert (code, out) == (EXIT_ERROR, "")
+    assert "seen no media of event $nope" in err
