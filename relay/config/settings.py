@@ -132,6 +132,9 @@ class MediaConfig(Section):
     connect_timeout: Annotated[float, number(0.1, 600)] = 10.0
     read_timeout: Annotated[float, number(0.1, 3600)] = 30.0
     download_timeout: Annotated[float, number(1, 86400)] = 600.0
+    # Seconds a cached item is served before the homeserver is asked again whether it
+    # still serves it (quarantined or deleted media must stop); fractions for tests.
+    revalidate_after: Annotated[float, number(0.1, 86400)] = 300.0
 
     @field_validator("cache_dir", mode="plain")
     @classmethod
@@ -168,6 +171,8 @@ def _unique_ids(keys: tuple[SigningKeyConfig, ...]) -> tuple[SigningKeyConfig, .
 class SigningConfig(Section):
     ttl: Seconds = 86400
     require_seen: Flag = True
+    # Seconds the audit trail keeps a row for each signed link (30 days).
+    audit_retention: Seconds = 30 * 86400
     # A config without keys gets one from generate-registration or at start-up.
     keys: Annotated[
         tuple[SigningKeyConfig, ...],
