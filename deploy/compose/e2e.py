@@ -23,7 +23,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from ruamel.yaml import YAML
 
-from relay.devtools.demo import DemoUser, check_url
+from relay.devtools.demo import DemoUser, SignRefused, check_url, sign_via_bridge_api
 from relay.devtools.local_synapse import registration_mac
 
 T = TypeVar("T")
@@ -88,17 +88,12 @@ async def run(args: argparse.Namespace) -> int:
         mxc = await user.post_image(room, png)
 
         async def signed() -> str | None:
-            async with session.post(
-                args.relay + "/_relay/v1/sign",
-                json={"mxc": mxc, "filename": "e2e.png"},
-                headers={"Authorization": f"Bearer {token}"},
-            ) as resp:
-                body = await resp.json()
-                if resp.status == 404:  # not seen yet: the push is on its way
+            try:
+                return await sign_via_bridge_api(session, args.relay, token, mxc, "e2e.png")
+            except SignRefused as e:
+                if e.status == 404:  # not seen yet: the homeserver's push is on its way
                     return None
-                if resp.status != 200:
-                    raise RuntimeError(f"sign refused: {resp.status} {body}")
-                return str(body["url"])
+                raise
 
         url = await until(f"the relay to see {mxc}", signed)
         # The link names the proxy as the stack's network knows it; reach it from the host.

@@ -29,7 +29,6 @@ from relay.app import Relay, stop_signals
 from relay.config.document import fill_generated_secrets, write_document
 from relay.config.loading import load
 from relay.config.registration import write_registration
-from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_ERROR, EXIT_OK
 from relay.core.mxc import parse_mxc
 from relay.devtools.local_synapse import LocalSynapse, free_ports
@@ -139,18 +138,26 @@ async def wait_until_seen(store: Store, mxc: str) -> None:
     await poll_until(seen)
 
 
+class SignRefused(RuntimeError):
+    """The bridge API answered an error; ``status`` says which (404: not seen yet)."""
+
+    def __init__(self, status: int, body: object) -> None:
+        super().__init__(f"bridge API refused to sign: {status} {body}")
+        self.status = status
+
+
 async def sign_via_bridge_api(
-    session: aiohttp.ClientSession, relay: Relay, config: Config, mxc: str
+    session: aiohttp.ClientSession, internal_url: str, token: str, mxc: str, filename: str
 ) -> str:
-    bridge = next(b for b in config.bridges if b.name == BRIDGE_NAME)
+    """A signed link from ``POST /_relay/v1/sign``, as a bridge asks for one."""
     async with session.post(
-        relay.internal_url + "/_relay/v1/sign",
-        json={"mxc": mxc, "filename": "demo.png"},
-        headers={"Authorization": f"Bearer {bridge.token}"},
+        internal_url + "/_relay/v1/sign",
+        json={"mxc": mxc, "filename": filename},
+        headers={"Authorization": f"Bearer {token}"},
     ) as resp:
         body = await resp.json()
         if resp.status != 200:
-            raise RuntimeError(f"bridge API refused to sign: {resp.status} {body}")
+            raise SignRefused(resp.status, body)
         return str(body["url"])
 
 
@@ -179,7 +186,10 @@ async def run_demo(workdir: Path, once: bool) -> int:
                 await wait_until_joined(relay.store, str(room["room_id"]))
                 mxc = await user.post_image(str(room["room_id"]), png)
                 await wait_until_seen(relay.store, mxc)
-                url = await sign_via_bridge_api(session, relay, config, mxc)
+                bridge = next(b for b in config.bridges if b.name == BRIDGE_NAME)
+                url = await sign_via_bridge_api(
+                    session, relay.internal_url, bridge.token, mxc, "demo.png"
+                )
                 print(f"{user_id} posted {mxc} in {room['room_id']}")
                 print(f"signed URL (valid {config.signing.ttl} s):\n\n    {url}\n", flush=True)
                 if once:
