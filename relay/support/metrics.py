@@ -97,6 +97,13 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.link_requests = Counter(
+            "relay_link_requests",
+            "Public media requests by link kind (native, mediaproxy, heisenbridge, "
+            "mautrix_publicmedia, legacy_media), config entry name and status",
+            ["kind", "entry", "status"],
+            registry=r,
+        )
         self.served_bytes = Counter("relay_served_bytes", "Body bytes sent to clients", registry=r)
         self.signed = Counter(
             "relay_signed_urls",

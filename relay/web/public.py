@@ -74,6 +74,12 @@ READY_TTL = 0.5
 READY_MEMO_ENTRIES = 32
 
 
+# Where a request's link came from, for relay_link_requests{kind, entry}: set by the
+# handler (native links here, the compat kinds in relay.web.compat) before it verifies.
+LINK_KEY = web.RequestKey("relay.link", tuple[str, str])
+NATIVE = ("native", "relay")
+
+
 @dataclass(frozen=True, slots=True)
 class ReadyResponse:
     """A plain GET's answer from a cached file, without Cache-Control (it is per link)."""
@@ -119,6 +125,7 @@ class MediaServer:
         )
         # status → its child of the served counter (labels() costs a lookup per call).
         self._served: dict[int, Counter] = {}
+        self._by_link: dict[tuple[str, str, int], Counter] = {}
 
     def forget(self, media: MediaId) -> None:
         """Drop what is remembered of ``media`` (called when it is revoked or purged)."""
@@ -155,12 +162,31 @@ class MediaServer:
             if counter is None:
                 counter = self._served[status] = self._metrics.served.labels(str(status))
             counter.inc()
+            link = request.get(LINK_KEY)
+            if link is not None:
+                key = (*link, status)
+                by_link = self._by_link.get(key)
+                if by_link is None:
+                    by_link = self._by_link[key] = self._metrics.link_requests.labels(
+                        link[0], link[1], str(status)
+                    )
+                by_link.inc()
         return response
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET``/``HEAD`` of one signed link (see the module docstring for the order)."""
+        request[LINK_KEY] = NATIVE
         now = self._clock()
-        claims = self._verified(request, now)
+        return await self.serve(request, self._verified(request, now), now)
+
+    async def serve(
+        self, request: web.Request, claims: LinkClaims, now: float
+    ) -> web.StreamResponse:
+        """Serve what verified ``claims`` grant: steps 2-5 of the module docstring.
+
+        The entry point for every kind of link (:mod:`relay.web.compat` verifies the
+        bridges' own links, checks "seen", then calls this).
+        """
         media = claims.media
         # Before anything is fetched, rendered or remembered: a redacted event's media
         # and its thumbnails are never produced nor served again.
