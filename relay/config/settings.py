@@ -49,6 +49,7 @@ from relay.config.values import (
     strings,
     text,
 )
+from relay.core.compat import mautrix, mediaproxy
 from relay.core.mxc import is_valid_server_name
 
 _LOCALPART = re.compile(r"[a-z0-9._=/+-]+")
@@ -196,6 +197,85 @@ def _unique_tokens(bridges: tuple[BridgeConfig, ...]) -> tuple[BridgeConfig, ...
     return bridges
 
 
+# ---------------------------------------------------------------- compat: bridges' own links
+# The keys are the bridge's own (the relay cannot choose them): checked for sanity only.
+_PATH_PREFIX = re.compile(r"(?:/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+")
+BridgeKey = Annotated[str, text(lambda v: len(v) >= 16, "the bridge's key (16+ characters)")]
+
+
+class CompatEntry(Section):
+    shape: ClassVar[str] = "a mapping with name and url"
+    name: Annotated[
+        str, text(_BRIDGE_NAME.fullmatch, "1-64 letters, digits, '.', '_' or '-'", required=True)
+    ]
+    # The public base the bridge was configured with; its path is optional in links.
+    url: Annotated[str, PlainValidator(lambda v: http_url(v, keep_slash=True))]
+
+    @property
+    def url_prefix(self) -> str:
+        """The path part of ``url`` without a trailing slash ("" for none)."""
+        return urlsplit(self.url).path.rstrip("/")
+
+
+class MediaProxyEntry(CompatEntry):
+    """matrix-appservice-bridge MediaProxy: its JWK file (HMAC-SHA512), read at load time."""
+
+    shape: ClassVar[str] = "a mapping with name, url and signing_key_path"
+    signing_key_path: Path
+
+    @field_validator("signing_key_path", mode="plain")
+    @classmethod
+    def _jwk_file(cls, value: object, info: ValidationInfo) -> Path:
+        path = base_dir(info) / string(value, required=True)
+        try:
+            mediaproxy.load_jwk(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            fail(f"cannot read the bridge's JWK file {str(path)!r}: {e.strerror or e}")
+        except mediaproxy.InvalidJwk as e:
+            fail(f"{str(path)!r} is not an HMAC-SHA512 JWK: {e}")
+        return path
+
+    def signing_key(self) -> bytes:
+        return mediaproxy.load_jwk(self.signing_key_path.read_text(encoding="utf-8"))
+
+
+class HeisenbridgeEntry(CompatEntry):
+    shape: ClassVar[str] = "a mapping with name, url and media_key"
+    media_key: BridgeKey = Field(repr=False)
+
+
+class MautrixEntry(CompatEntry):
+    shape: ClassVar[str] = "a mapping with name, url and signing_key"
+    signing_key: BridgeKey = Field(repr=False)
+    # 0 would be no signature at all (mautrix-go accepts it; the relay does not).
+    hash_length: Annotated[int, integer(1, mautrix.MAX_HASH_LENGTH)] = 32
+    # The bridge's public_media.expiry (seconds); 0: its links carry no expiry.
+    expiry: Annotated[int, integer(0, 365 * 86400)] = 0
+    path_prefix: str = mautrix.DEFAULT_PATH_PREFIX
+
+    @field_validator("path_prefix", mode="plain")
+    @classmethod
+    def _prefix(cls, value: object) -> str:
+        given = "/" + string(value).strip("/")
+        if not _PATH_PREFIX.fullmatch(given):
+            fail(f"expected a path such as /_mautrix/publicmedia, got {value!r}")
+        return given
+
+
+class CompatConfig(Section):
+    mediaproxy: Annotated[tuple[MediaProxyEntry, ...], BeforeValidator(bridge_list)] = ()
+    heisenbridge: Annotated[tuple[HeisenbridgeEntry, ...], BeforeValidator(bridge_list)] = ()
+    mautrix_publicmedia: Annotated[tuple[MautrixEntry, ...], BeforeValidator(bridge_list)] = ()
+    legacy_media: Flag = False
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CompatConfig:
+        names = [e.name for e in (*self.mediaproxy, *self.heisenbridge, *self.mautrix_publicmedia)]
+        if len(set(names)) != len(names):
+            fail("every compat entry needs its own name (it labels the metrics)")
+        return self
+
+
 class LoggingConfig(Section):
     level: Annotated[str, PlainValidator(log_level)] = "INFO"
 
@@ -215,6 +295,7 @@ class Config(Section):
         BeforeValidator(bridge_list),
         AfterValidator(_unique_tokens),
     ] = ()
+    compat: CompatConfig
     logging: LoggingConfig
 
     @model_validator(mode="before")
