@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from relay.media.renditions import Renditions
 from relay.media.revocation import RevocationCheck
 from relay.media.thumbnails import ThumbnailLimits
 from relay.store import DatabaseUnusable, Store, open_database
+from relay.store.audit import AuditTrail, AuditWriter
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher, Timeouts
@@ -37,6 +39,8 @@ from relay.web.public import MediaServer
 log = logging.getLogger(__name__)
 
 JOIN_ATTEMPTS = 5
+# The audit trail is swept this often (at most; more often when the retention is short).
+AUDIT_SWEEP_INTERVAL = 3600.0
 READY_TIMEOUT = 5.0
 
 
@@ -77,6 +81,7 @@ class Relay:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.session: aiohttp.ClientSession | None = None
         self.store: Store | None = None
+        self.audit: AuditWriter | None = None
         self.homeserver: HomeserverClient | None = None
         self.capabilities: Capabilities | None = None
         self.media_source: MediaSource | None = None
@@ -106,6 +111,9 @@ class Relay:
         except DatabaseUnusable as e:
             raise StartupError(EXIT_DATABASE, str(e)) from e
         self.store = Store(self._db)
+        self.audit = AuditWriter(AuditTrail(self._db))
+        self.audit.start()
+        self._spawn(self._sweep_audit())
         self.homeserver = HomeserverClient(
             self.session, cfg.homeserver.address, cfg.appservice.as_token
         )
@@ -209,6 +217,7 @@ class Relay:
             default_ttl=cfg.signing.ttl,
             require_seen=cfg.signing.require_seen,
             max_thumbnail_side=cfg.thumbnails.max_side,
+            audit=self.audit,
         )
         return self.media_server, bridge_api
 
@@ -319,6 +328,20 @@ class Relay:
         if self.pipeline is not None:
             await self.pipeline.purge(media)
 
+    async def _sweep_audit(self) -> None:
+        """Delete audit rows older than ``signing.audit_retention``, now and periodically."""
+        assert self._db is not None
+        trail = AuditTrail(self._db)
+        retention = self.config.signing.audit_retention
+        while True:
+            try:
+                cutoff = int((time.time() - retention) * 1000)
+                if swept := await trail.sweep(cutoff):
+                    log.info("audit trail: removed %d rows older than %d s", swept, retention)
+            except Exception:
+                log.exception("audit trail sweep failed; trying again later")
+            await asyncio.sleep(min(AUDIT_SWEEP_INTERVAL, retention))
+
     # ------------------------------------------------------------ shutdown
 
     async def stop(self) -> None:
@@ -331,6 +354,9 @@ class Relay:
         self._runners.clear()
         if self.pipeline is not None:
             await self.pipeline.close()
+        if self.audit is not None:
+            # Before the database closes: rows of links already handed out are kept.
+            await self.audit.close()
         if self.capabilities is not None:
             await self.capabilities.stop()
         if self._db is not None:

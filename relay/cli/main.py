@@ -13,6 +13,8 @@ from pathlib import Path
 
 from relay import __version__
 from relay.app import Relay, stop_signals
+from relay.cli.audit import add_arguments as add_audit_arguments
+from relay.cli.audit import cmd_audit
 from relay.cli.common import load_config, setup_logging
 from relay.cli.revoke import add_arguments as add_revoke_arguments
 from relay.cli.revoke import cmd_revoke
@@ -105,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="revoke media (an mxc, or what an event, room or sender posted): links answer 410",
     )
     add_revoke_arguments(revoke)
+
+    audit = sub.add_parser(
+        "audit", parents=[common], help="list every link signed for an mxc URI (JSON lines)"
+    )
+    add_audit_arguments(audit)
 
     demo = sub.add_parser(
         "demo", help="start a throwaway local Synapse and the relay, post an image, print a link"
@@ -213,6 +220,8 @@ def _command(name: str | None) -> Callable[[argparse.Namespace], int]:
         return cmd_sign
     if name == "revoke":
         return cmd_revoke
+    if name == "audit":
+        return cmd_audit
     if name == "doctor":
         from relay.cli.doctor import cmd_doctor
 

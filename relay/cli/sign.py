@@ -2,8 +2,9 @@
 
 The URL alone goes to stdout (so ``$(media-relay sign …)`` works); notes go to stderr.
 Like the bridge API, it signs only media the relay has seen in a room it serves and
-that was not redacted, which needs the database; ``--force`` skips that check (and
-the database) for the operator who knows better.
+that was not redacted, which needs the database; ``--force`` skips that check for the
+operator who knows better. Every link is recorded in the audit trail (bridge ``cli``);
+with ``--force`` and no usable database it is signed anyway, with a warning.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from datetime import UTC, datetime
 
 from relay.app import key_ring
@@ -22,6 +24,7 @@ from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
 from relay.core.signing import MAX_THUMBNAIL_SIDE
 from relay.core.variant import Thumbnail
 from relay.store import DatabaseUnusable, Store, open_database
+from relay.store.audit import CLI, AuditRow, AuditTrail
 
 MAX_TTL = 365 * 86400
 
@@ -45,6 +48,9 @@ def cmd_sign(args: argparse.Namespace) -> int:
             asyncio.run(_check_signable(config, media))
         link = LinkMinter(key_ring(config), config.public.url).mint(
             media, ttl or config.signing.ttl, filename=args.filename, variant=thumbnail
+        )
+        asyncio.run(
+            _audit(config, AuditRow.now(CLI, media, thumbnail, link.expires_at, time.time()))
         )
     except SignRefused as e:
         print(f"media-relay: error: {e}", file=sys.stderr)
@@ -101,6 +107,19 @@ async def _check_signable(config: Config, media: MediaId) -> None:
                 f"the relay has not seen {media} in a room it serves; "
                 "pass --force to sign it anyway",
             )
+    finally:
+        await db.stop()
+
+
+async def _audit(config: Config, row: AuditRow) -> None:
+    """Record the link in the audit trail; with --force the database may be unusable."""
+    try:
+        db = await open_database(config.database)
+    except DatabaseUnusable as e:
+        print(f"media-relay: warning: not recorded in the audit trail: {e}", file=sys.stderr)
+        return
+    try:
+        await AuditTrail(db).insert([row])
     finally:
         await db.stop()
 

@@ -58,6 +58,12 @@ class SeenMedia(Protocol):
     async def media_record(self, media: MediaId) -> MediaRecord | None: ...
 
 
+class SigningAudit(Protocol):
+    """Where every minted link is recorded (``relay.store.audit.AuditWriter``); no I/O."""
+
+    def signed(self, bridge: str, media: MediaId, variant: Variant, expires_at: int) -> None: ...
+
+
 class BridgeAPI:
     """Sign and rewrite for bridges; see the module docstring for the rules."""
 
@@ -72,8 +78,10 @@ class BridgeAPI:
         default_ttl: int,
         require_seen: bool,
         max_thumbnail_side: int = MAX_THUMBNAIL_SIDE,
+        audit: SigningAudit | None = None,
     ) -> None:
         self._bridges = tuple(bridges)
+        self._audit = audit
         self._minter = minter
         self._records = records
         self._revocations = revocations
@@ -222,6 +230,8 @@ class BridgeAPI:
         except ValueError as e:
             raise MatrixError(400, Codes.INVALID_PARAM, str(e)) from None
         self._metrics.signed.labels(bridge.name).inc()
+        if self._audit is not None:
+            self._audit.signed(bridge.name, media, variant, link.expires_at)
         return link
 
 
