@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -166,7 +167,8 @@ class MediaCache:
         )
 
     def _scan(self) -> list[_Item]:
-        (self.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        _private_directory(self.root)
+        (self.root / TMP_DIR).mkdir(mode=0o700, exist_ok=True)
         for stray in (self.root / TMP_DIR).iterdir():
             _unlink(stray)
         items: list[_Item] = []
@@ -300,7 +302,7 @@ class MediaCache:
         return entry
 
     def _install(self, tmp: Path, body: Path, meta: dict[str, Any]) -> None:
-        body.parent.mkdir(parents=True, exist_ok=True)
+        body.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Body first, sidecar last: the sidecar marks the entry complete (see _scan).
         os.replace(tmp, body)
         write_atomic(_meta_path(body), json.dumps(meta).encode())
@@ -382,6 +384,17 @@ def _hash_file(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             length += len(chunk)
     return length, digest.hexdigest()
+
+
+def _private_directory(root: Path) -> None:
+    """The cache root, 0700: its files are decrypted attachments (each also 0600)."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(root.stat().st_mode)
+    if mode & 0o077:
+        root.chmod(mode & 0o700)
+        log.warning(
+            "media cache %s was open to others (mode %o); made it %o", root, mode, mode & 0o700
+        )
 
 
 def _meta_path(body: Path) -> Path:

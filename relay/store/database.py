@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import stat
 
 from mautrix.util.async_db import Database
 from mautrix.util.logging import TraceLogger
@@ -25,6 +27,43 @@ def _redact_url(url: str) -> str:
     return url
 
 
+# SQLite gives its journal, WAL and shared-memory files the database file's mode.
+_SQLITE_COMPANIONS = ("", "-journal", "-wal", "-shm")
+
+
+def _private_sqlite_file(path: str) -> None:
+    """Create the database file 0600, or take group/other access away from an existing one.
+
+    It holds attachment keys (``encryption``: the key of every encrypted file seen), so
+    it is as secret as the config. A special name (``:memory:``) is left alone.
+    """
+    if path in ("", ":memory:") or path.startswith("file:"):
+        return
+    log = logging.getLogger("relay.db")
+    try:
+        # O_EXCL: only a file created here gets the mode from the start (no window).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # _check_sqlite_opens reports the real problem in one line
+    for suffix in _SQLITE_COMPANIONS:
+        try:
+            mode = stat.S_IMODE(os.stat(path + suffix).st_mode)
+            if mode & 0o077:
+                os.chmod(path + suffix, mode & 0o700)
+                log.warning(
+                    "database file %s was readable by others (mode %o); made it %o",
+                    path + suffix,
+                    mode,
+                    mode & 0o700,
+                )
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            log.warning("could not restrict the mode of %s: %s", path + suffix, e)
+
+
 def _check_sqlite_opens(path: str) -> None:
     # aiosqlite leaves its worker thread behind when the first connect fails, which
     # then crashes at interpreter exit; finding out here gives a clean one-line error.
@@ -40,6 +79,7 @@ async def open_database(url: str) -> Database:
     if not isinstance(log, TraceLogger):
         log = TraceLogger("relay.db")
     if url.startswith("sqlite:"):
+        _private_sqlite_file(url[len("sqlite:") :])
         _check_sqlite_opens(url[len("sqlite:") :])
     db_args = {"min_size": 1, "max_size": 10} if not url.startswith("sqlite:") else {}
     if url.startswith("postgresql://"):
