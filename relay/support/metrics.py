@@ -52,6 +52,13 @@ class Metrics:
             "Media revoked because its event was redacted",
             registry=r,
         )
+        self.revocations_by_source = Counter(
+            "relay_revocations_by_source",
+            "Media revoked, by source (redaction, operator, homeserver); operator revocations "
+            "are counted by each process that discovers them",
+            ["source"],
+            registry=r,
+        )
         self.transaction_seconds = Histogram(
             "relay_transaction_seconds",
             "Time to commit one appservice transaction",
@@ -73,6 +80,17 @@ class Metrics:
         self.negative_cache_hits = Counter(
             "relay_negative_cache_hits",
             "Requests answered from the not-found cache",
+            registry=r,
+        )
+        self.revalidations = Counter(
+            "relay_revalidations",
+            "Upstream checks of cached media by outcome (present, gone, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.upstream_removals = Counter(
+            "relay_upstream_removals",
+            "Cached media the homeserver no longer serves (quarantined, deleted), purged",
             registry=r,
         )
         # Cache
