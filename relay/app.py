@@ -33,6 +33,8 @@ from relay.upstream.fetcher import MediaFetcher, Timeouts
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
 from relay.web.appservice import AppserviceAPI, IngestHooks
 from relay.web.bridge_api import BridgeAPI
+from relay.web.compat import CompatServer, SeenCheck
+from relay.web.legacy_media import LegacyMedia
 from relay.web.middleware import error_middleware
 from relay.web.public import MediaServer
 
@@ -149,6 +151,7 @@ class Relay:
         public = web.Application(middlewares=[media_server.middleware, error_middleware])
         public.add_routes([web.get("/_relay/health", health)])
         public.add_routes(media_server.routes())
+        public.add_routes(self._compat_routes(media_server))
 
         self.internal_url = await self._listen(
             internal, cfg.appservice.hostname, cfg.appservice.port
@@ -220,6 +223,30 @@ class Relay:
             audit=self.audit,
         )
         return self.media_server, bridge_api
+
+    def _compat_routes(self, media_server: MediaServer) -> list[web.RouteDef]:
+        """Routes for the links bridges mint themselves (``compat:``), and legacy paths."""
+        cfg = self.config
+        assert self.store is not None and self.pipeline is not None
+        seen = SeenCheck(self.store)
+        routes: list[web.RouteDef] = []
+        if cfg.compat.legacy_media:
+            legacy = LegacyMedia(
+                media_server, self.pipeline, seen, max_thumbnail_side=cfg.thumbnails.max_side
+            )
+            routes += legacy.routes()
+        try:
+            compat = CompatServer(
+                cfg.compat,
+                media_server,
+                self.pipeline,
+                seen,
+                require_seen=cfg.signing.require_seen,
+            )
+            routes += compat.routes()
+        except (OSError, ValueError) as e:  # a JWK file gone since check-config, braces
+            raise StartupError(EXIT_CONFIG, str(e)) from e
+        return routes
 
     async def _check_homeserver(self) -> None:
         assert self.homeserver is not None
