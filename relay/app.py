@@ -31,6 +31,7 @@ from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher, Timeouts
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
+from relay.upstream.redirects import RedirectPolicy
 from relay.web.appservice import AppserviceAPI, IngestHooks
 from relay.web.bridge_api import BridgeAPI
 from relay.web.compat import CompatServer, SeenCheck
@@ -183,6 +184,7 @@ class Relay:
             max_size=media.max_size,
             timeouts=Timeouts(media.connect_timeout, media.read_timeout, media.download_timeout),
             not_found_ttl=media.not_found_ttl,
+            redirect_policy=RedirectPolicy.from_entries(cfg.homeserver.redirect_hosts),
         )
         cache = MediaCache(media.cache_dir, media.cache_max_size, self.metrics)
         try:

@@ -39,6 +39,7 @@ from relay.config.values import (
     base_dir,
     bridge_list,
     fail,
+    host_entries,
     http_url,
     integer,
     log_level,
@@ -82,6 +83,9 @@ class HomeserverConfig(Section):
     domain: Annotated[
         str, text(is_valid_server_name, "a Matrix server name such as example.org", required=True)
     ]
+    # Hosts, IP addresses or networks an upstream redirect may leave the homeserver for
+    # (object storage behind a media repository); see relay.upstream.redirects.
+    redirect_hosts: Annotated[tuple[str, ...], PlainValidator(host_entries)] = ()
 
 
 class AppserviceConfig(Section):

@@ -17,6 +17,7 @@ from pydantic import Field, PlainValidator, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 from relay.config.errors import ConfigError
+from relay.core.hosts import parse_host_entry
 
 GENERATE = "generate"
 MIN_SECRET_LENGTH = 32
@@ -132,6 +133,17 @@ def strings(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         fail(f"expected a list of strings, got {value!r}")
     return tuple(str(v) for v in value)
+
+
+def host_entries(value: object) -> tuple[str, ...]:
+    """Host names (lowercased), IP addresses or networks, as :mod:`relay.core.hosts` reads them."""
+    entries = strings(value)
+    for entry in entries:
+        try:
+            parse_host_entry(entry)
+        except ValueError as e:
+            fail(str(e))
+    return tuple(entry.strip().lower() for entry in entries)
 
 
 def regexes(value: object) -> tuple[str, ...]:

@@ -269,6 +269,7 @@ class MediaSource:
     async def close(self) -> None:
         """Cancel downloads under way (their waiters get an UpstreamError)."""
         await self._downloads.close()
+        await self.fetcher.close()
 
     @property
     def downloads_in_progress(self) -> int:

@@ -4,6 +4,11 @@ Authenticated media arrived in Matrix v1.11 (MSC3916, Client-Server API "Content
 repository"); a server that predates it only has the legacy ``/_matrix/media/v3``
 paths. :class:`Capabilities` holds the current view, re-read periodically, so the
 fetcher can choose paths and readiness can report a broken appservice token.
+
+Readiness is decided here alone, by an authenticated request about the relay itself
+(the media config, with the as_token): a media item the homeserver refuses says
+nothing about the token, so the fetcher only asks for an early re-check
+(:meth:`Capabilities.request_check`) when an answer names the token (M_UNKNOWN_TOKEN).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ _VERSION = re.compile(r"v([0-9]{1,6})\.([0-9]{1,6})")
 VERSIONS_PATH = "/_matrix/client/versions"
 AUTHENTICATED_CONFIG_PATH = "/_matrix/client/v1/media/config"
 LEGACY_CONFIG_PATH = "/_matrix/media/v3/config"
+# An early re-check asked for by the fetcher runs at most this often (seconds).
+MIN_RECHECK_INTERVAL = 10.0
 
 
 def parse_spec_version(version: object) -> tuple[int, int] | None:
@@ -96,6 +103,7 @@ class Capabilities:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
         self.authenticated_media = True
         self.max_upload_size: int | None = None
         self.identity_ok = True
@@ -125,6 +133,11 @@ class Capabilities:
             log.info("homeserver accepts the relay's appservice token again")
             self.last_error = None
         self.identity_ok = True
+
+    def request_check(self) -> None:
+        """Re-check soon (the background task wakes), at most every MIN_RECHECK_INTERVAL s."""
+        if self.attempted_at is None or self._clock() - self.attempted_at >= MIN_RECHECK_INTERVAL:
+            self._wake.set()
 
     # -- refreshing ---------------------------------------------------------------------
 
@@ -210,4 +223,6 @@ class Capabilities:
             except Exception:
                 # One bad answer must not end the re-checks for the life of the process.
                 log.exception("unexpected error while checking homeserver capabilities")
-            await asyncio.sleep(self.interval)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)

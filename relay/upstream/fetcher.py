@@ -2,10 +2,17 @@
 
 One request in, one bounded stream out: the upstream URL is built only from a
 validated :class:`~relay.core.mxc.MediaId` (each path segment quoted), nothing from the
-client is forwarded, redirects are followed by hand so the token never leaves the
-homeserver's origin, the body is counted against ``media.max_size`` as it arrives,
-and every upstream failure becomes one of the exceptions of
-:mod:`relay.upstream.errors`. Thumbnails are rendered by the relay itself
+client is forwarded, redirects are followed by hand under the policy of
+:mod:`relay.upstream.redirects` (the token never leaves the homeserver's media API),
+the body is counted against ``media.max_size`` as it arrives, and every upstream
+failure becomes one of the exceptions of :mod:`relay.upstream.errors`.
+
+Failures are remembered per media item (404 for ``not_found_ttl``, 401/403/5xx for
+``failure_ttl``), so a dead link costs no upstream request per hit; a 429 backs off
+every download (the homeserver limits the relay's identity, not one item), for at
+most ``MAX_BACKOFF`` seconds. A media answer never decides readiness: one item the
+homeserver refuses says nothing about the relay's token
+(:mod:`relay.upstream.capabilities` checks that). Thumbnails are rendered by the relay itself
 (:mod:`relay.media.renditions`), so only the download endpoint is used.
 """
 
@@ -31,17 +38,31 @@ from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.errors import (
     DEFAULT_RETRY_AFTER,
+    FetchError,
     UpstreamError,
     UpstreamNotFound,
     UpstreamRateLimited,
     UpstreamTooLarge,
     UpstreamUnauthorized,
 )
+from relay.upstream.redirects import (
+    GuardedResolver,
+    Hop,
+    RedirectPolicy,
+    RedirectRefused,
+    check_redirect,
+)
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
-NOT_FOUND_CACHE_SIZE = 10_000
+FAILURE_MEMO_SIZE = 10_000
+# A homeserver's Retry-After is honoured up to this (seconds): a buggy or hostile
+# retry_after_ms of days must not take every link down for days.
+MAX_BACKOFF = 300
+# Errcodes that speak of the token rather than of one media item (spec "Standard error
+# response"): the identity check is asked to run again soon.
+TOKEN_ERRCODES = frozenset({Codes.UNKNOWN_TOKEN, Codes.MISSING_TOKEN})
 # Error bodies are read only to learn the errcode; never buffer a large one.
 MAX_ERROR_BODY = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -59,13 +80,23 @@ class Timeouts:
     total: float = 600
 
 
-def _same_origin(a: URL, b: URL) -> bool:
-    # RFC 6454 §5: same scheme, host and port (yarl fills the scheme's default port).
-    return (a.scheme.lower(), (a.host or "").lower(), a.port) == (
-        b.scheme.lower(),
-        (b.host or "").lower(),
-        b.port,
-    )
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A remembered upstream answer for one media item; rebuilt as a fresh exception."""
+
+    status: int  # the homeserver's status
+    message: str
+    until: float
+
+    def error(self, now: float) -> FetchError:
+        remaining = max(1, math.ceil(self.until - now))
+        if self.status == 404:
+            return UpstreamNotFound(self.message)
+        if self.status in (401, 403):
+            return UpstreamUnauthorized(self.message, retry_after=remaining)
+        return UpstreamError(
+            self.message, status=504 if self.status == 504 else 502, retry_after=remaining
+        )
 
 
 def _retry_after_seconds(body: object, header: str | None) -> int:
@@ -77,6 +108,10 @@ def _retry_after_seconds(body: object, header: str | None) -> int:
     if header and header.strip().isdigit():
         return max(1, int(header.strip()))
     return DEFAULT_RETRY_AFTER
+
+
+def _capped(seconds: int) -> int:
+    return min(seconds, MAX_BACKOFF)
 
 
 class UpstreamResponse:
@@ -130,7 +165,9 @@ class MediaFetcher:
         max_size: int,
         timeouts: Timeouts = Timeouts(),
         not_found_ttl: float = 60.0,
+        failure_ttl: float = 10.0,
         max_redirects: int = 3,
+        redirect_policy: RedirectPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
@@ -146,13 +183,18 @@ class MediaFetcher:
             total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
         )
         self.not_found_ttl = not_found_ttl
+        self.failure_ttl = failure_ttl
         self.max_redirects = max_redirects
+        # Default: no host listed, so only same-origin redirects within the media API.
+        self.redirect_policy = redirect_policy or RedirectPolicy()
         self._clock = clock
-        # Recent 404s, so a dead link costs no upstream request per hit.
-        self._not_found: TTLCache[MediaId, bool] = TTLCache(
-            max(not_found_ttl, 0), NOT_FOUND_CACHE_SIZE, clock=clock
+        # Recent failures per media item, so a dead link costs no upstream request per hit.
+        self._failures: TTLCache[MediaId, _Failure] = TTLCache(
+            max(not_found_ttl, failure_ttl, 0), FAILURE_MEMO_SIZE, clock=clock
         )
         self._backoff_until = 0.0
+        # Connections to listed redirect hosts only, through the address check.
+        self._redirect_session: aiohttp.ClientSession | None = None
 
     # -- pure helpers -------------------------------------------------------------------
 
@@ -174,15 +216,22 @@ class MediaFetcher:
 
     def is_known_missing(self, media: MediaId) -> bool:
         """True while a recent 404 for this media is remembered."""
-        return self._not_found.get(media) is not None
+        failure = self._failures.get(media)
+        return failure is not None and failure.status == 404
+
+    def remembered_failure(self, media: MediaId) -> FetchError | None:
+        """The remembered failure of this media (404, 401/403, 5xx) as a fresh exception."""
+        failure = self._failures.get(media)
+        return None if failure is None else failure.error(self._clock())
 
     def forget_missing(self, media: MediaId) -> None:
-        """Drop a remembered 404 (the media was revoked or is being looked at afresh)."""
-        self._not_found.discard(media)
+        """Drop a remembered failure (the media was revoked or is being looked at afresh)."""
+        self._failures.discard(media)
 
-    def _remember_missing(self, media: MediaId) -> None:
-        if self.not_found_ttl > 0:
-            self._not_found.put(media, True)
+    def _remember(self, media: MediaId, status: int, message: str) -> None:
+        ttl = self.not_found_ttl if status == 404 else self.failure_ttl
+        if ttl > 0:
+            self._failures.put(media, _Failure(status, message, self._clock() + ttl), ttl)
 
     def backoff_remaining(self) -> float:
         """Seconds left in a 429 back-off window (0 when none)."""
@@ -200,9 +249,10 @@ class MediaFetcher:
         homeserver.
         """
         self.upstream_path(media, True)  # validate before anything else
-        if self.is_known_missing(media):
+        remembered = self.remembered_failure(media)
+        if remembered is not None:
             self._metrics.negative_cache_hits.inc()
-            raise UpstreamNotFound(f"{media} is remembered as missing")
+            raise remembered
         remaining = self.backoff_remaining()
         if remaining > 0:
             raise UpstreamRateLimited(
@@ -242,7 +292,6 @@ class MediaFetcher:
         raise self._failure(media, status, body, resp.headers.get("Retry-After"))
 
     def _accept(self, resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
-        self.capabilities.mark_identity_ok()
         length = resp.content_length
         if length is not None and length > self.max_size:
             resp.close()
@@ -262,43 +311,50 @@ class MediaFetcher:
         log.info("homeserver answered %d %s for %s", status, errcode or "-", media)
         if status == 404:
             self._count("not_found")
-            self._remember_missing(media)
-            return UpstreamNotFound(f"{media}: {errcode or 'not found'}")
+            message = f"{media}: {errcode or 'not found'}"
+            self._remember(media, status, message)
+            return UpstreamNotFound(message)
         if status == 413:
             self._count("too_large")
             return UpstreamTooLarge(f"homeserver says {media} is too large")
         if status == 429:
             self._count("rate_limited")
-            retry_after = _retry_after_seconds(body, retry_after_header)
+            retry_after = _capped(_retry_after_seconds(body, retry_after_header))
             self._backoff_until = max(self._backoff_until, self._clock() + retry_after)
             return UpstreamRateLimited("homeserver rate-limited the relay", retry_after=retry_after)
         if status in (401, 403):
             self._count("unauthorized")
-            self.capabilities.mark_identity_broken(
-                f"media download answered {status} {errcode or ''}".strip()
-            )
-            return UpstreamUnauthorized(f"homeserver refused our token ({status})")
+            # One item refused (M_FORBIDDEN: quarantined, restricted) is about that item;
+            # readiness is the identity check's to decide, asked again on a token errcode.
+            if errcode in TOKEN_ERRCODES:
+                self.capabilities.request_check()
+            message = f"homeserver refused {media} ({status} {errcode or '-'})"
+            self._remember(media, status, message)
+            return UpstreamUnauthorized(message, retry_after=max(1, math.ceil(self.failure_ttl)))
         self._count("timeout" if status == 504 else "upstream_error")
-        retry_after = _retry_after_seconds(None, retry_after_header)
-        return UpstreamError(
-            f"homeserver answered {status} {errcode or ''}".strip(),
-            status=504 if status == 504 else 502,
-            retry_after=retry_after,
-        )
+        retry_after = _capped(_retry_after_seconds(None, retry_after_header))
+        message = f"homeserver answered {status} {errcode or ''}".strip()
+        if status >= 500:
+            self._remember(media, status, message)
+        return UpstreamError(message, status=504 if status == 504 else 502, retry_after=retry_after)
 
     def _url(self, media: MediaId, authenticated: bool, query: dict[str, str]) -> URL:
         path = self._base.raw_path.rstrip("/") + self.upstream_path(media, authenticated)
         return self._base.with_path(path, encoded=True).with_query(query)
 
     async def _get(self, url: URL) -> aiohttp.ClientResponse:
-        """GET with redirects followed by hand; Authorization only to the homeserver's origin."""
+        """GET with redirects followed by hand, under :mod:`relay.upstream.redirects`."""
+        left_origin = False
         try:
             for hop in range(self.max_redirects + 1):
                 # identity: sizes are counted on what is stored, no decompression bombs.
                 headers = {"Accept-Encoding": "identity"}
-                if _same_origin(url, self._base):
+                session = self._session
+                if not left_origin:
                     headers["Authorization"] = f"Bearer {self._as_token}"
-                resp = await self._session.get(
+                else:
+                    session = self._guarded_session()
+                resp = await session.get(
                     url, headers=headers, allow_redirects=False, timeout=self._client_timeout
                 )
                 if resp.status not in REDIRECT_STATUSES:
@@ -311,9 +367,14 @@ class MediaFetcher:
                     self._count("upstream_error")
                     raise UpstreamError(f"redirect {resp.status} without Location")
                 target = url.join(URL(location))
-                if target.scheme not in ("http", "https") or not target.host:
+                try:
+                    kind = check_redirect(self._base, url, target, self.redirect_policy)
+                except RedirectRefused as e:
+                    log.warning("refused a %d redirect from the homeserver: %s", resp.status, e)
                     self._count("upstream_error")
-                    raise UpstreamError("redirect to a non-HTTP location")
+                    raise UpstreamError(f"redirect refused: {e}") from None
+                # Once away from the homeserver, the token never goes out again.
+                left_origin = left_origin or kind is Hop.ALLOWED_HOST
                 log.debug("following %d redirect to %s", resp.status, target.origin())
                 url = target
         except TimeoutError as e:
@@ -325,6 +386,19 @@ class MediaFetcher:
             raise UpstreamError(f"homeserver unreachable: {type(e).__name__}") from e
         self._count("upstream_error")
         raise UpstreamError(f"more than {self.max_redirects} redirects")
+
+    def _guarded_session(self) -> aiohttp.ClientSession:
+        """The session for listed redirect hosts: its resolver refuses non-public addresses."""
+        if self._redirect_session is None or self._redirect_session.closed:
+            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self.redirect_policy))
+            self._redirect_session = aiohttp.ClientSession(connector=connector)
+        return self._redirect_session
+
+    async def close(self) -> None:
+        """Close the redirect-host connections (the shared session is the caller's)."""
+        session, self._redirect_session = self._redirect_session, None
+        if session is not None:
+            await session.close()
 
     async def _error_body(self, resp: aiohttp.ClientResponse) -> object:
         """The (small) JSON error body of a failed request, or None; always closes it."""

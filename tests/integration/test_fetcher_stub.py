@@ -32,7 +32,8 @@ from relay.upstream.errors import (
     UpstreamTooLarge,
     UpstreamUnauthorized,
 )
-from relay.upstream.fetcher import MediaFetcher, Timeouts
+from relay.upstream.fetcher import MAX_BACKOFF, MediaFetcher, Timeouts
+from relay.upstream.redirects import RedirectPolicy
 from tests.harness.cache import put_bytes
 from tests.harness.encryption import EncryptedAttachment, encrypt_attachment
 from tests.harness.stub_homeserver import (
@@ -92,7 +93,11 @@ async def make_parts(
     sources: list[MediaSource] = []
 
     async def factory(
-        *, max_size: int = MAX_SIZE, timeouts: Timeouts | None = None, cache_max: int = 1 << 24
+        *,
+        max_size: int = MAX_SIZE,
+        timeouts: Timeouts | None = None,
+        cache_max: int = 1 << 24,
+        redirect_hosts: tuple[str, ...] = (),
     ) -> RelayParts:
         metrics = Metrics()
         clock = FakeClock()
@@ -106,6 +111,8 @@ async def make_parts(
             max_size=max_size,
             timeouts=timeouts or Timeouts(connect=5, read=5, total=30),
             not_found_ttl=60,
+            failure_ttl=10,
+            redirect_policy=RedirectPolicy.from_entries(redirect_hosts),
             clock=clock,
         )
         cache = MediaCache(tmp_path / "cache", cache_max, metrics)
@@ -317,14 +324,15 @@ async def test_unrecognized_authenticated_path_falls_back(
 async def test_redirect_to_other_origin_gets_no_token(
     make_parts: MakeParts, stub: StubServer, other_origin: StubServer
 ) -> None:
-    """A 307 to another origin is followed without the Authorization header."""
+    """A 307 to a listed host is followed without the Authorization header."""
     other_origin.media["blob"] = serve_bytes(b"from the CDN")
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPTemporaryRedirect(f"{other_origin.url}/cdn/blob")
 
     stub.media["abc"] = redirect
-    parts = await make_parts()
+    # The stub's other origin is 127.0.0.1: an IP literal listed is allowed, loopback too.
+    parts = await make_parts(redirect_hosts=("127.0.0.1",))
     assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"from the CDN"
     (first,) = stub.media_requests()
     assert first.headers["Authorization"] == f"Bearer {AS_TOKEN}"
@@ -332,6 +340,101 @@ async def test_redirect_to_other_origin_gets_no_token(
     assert followed.raw_path == "/cdn/blob"
     assert "Authorization" not in followed.headers
     assert _requests(parts.metrics) == {"ok": 1}
+
+
+def _redirect_to(location: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": location})
+
+    return redirect
+
+
+async def test_redirect_off_origin_refused_by_default(
+    make_parts: MakeParts, stub: StubServer, other_origin: StubServer, tmp_path: Path
+) -> None:
+    """Without homeserver.redirect_hosts, a redirect to another origin is never followed."""
+    other_origin.media["blob"] = serve_bytes(b"internal service")
+    stub.media["abc"] = _redirect_to(f"{other_origin.url}/cdn/blob")
+    parts = await make_parts()
+    with pytest.raises(UpstreamError) as info:
+        await parts.source.open(MediaId(SERVER, "abc"))
+    assert info.value.status == 502
+    assert other_origin.seen == []
+    assert _requests(parts.metrics) == {"upstream_error": 1}
+    assert _cache_files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("hosts", "followed"),
+    [
+        (("localhost",), False),  # listed, but it resolves to loopback only
+        (("localhost", "127.0.0.0/8"), True),  # the loopback network is listed too
+        (("example.net", "127.0.0.0/8"), False),  # the name is not listed
+    ],
+)
+async def test_redirect_host_checked_by_address(
+    make_parts: MakeParts,
+    stub: StubServer,
+    other_origin: StubServer,
+    hosts: tuple[str, ...],
+    followed: bool,
+) -> None:
+    """A listed name is connected to only at addresses that are public or listed."""
+    other_origin.media["blob"] = serve_bytes(b"from storage")
+    stub.media["abc"] = _redirect_to(f"http://localhost:{other_origin.port}/cdn/blob")
+    parts = await make_parts(redirect_hosts=hosts)
+    if followed:
+        assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"from storage"
+        (seen,) = other_origin.seen
+        assert "Authorization" not in seen.headers
+    else:
+        with pytest.raises(UpstreamError):
+            await parts.source.open(MediaId(SERVER, "abc"))
+        assert other_origin.seen == []
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "/_synapse/admin/v1/users/@bot:example.org/admin",
+        "/_matrix/client/v3/joined_rooms",
+        "/_matrix/client/v1/media/../../v3/joined_rooms",
+        "/_matrix/client/v1/media/%2e%2e/%2E%2E/v3/joined_rooms",
+        "/_matrix/media/v3/download/example.org%2F..%2F..%2Fx/abc",
+        "/_matrix/client/v1/mediaevil",
+    ],
+)
+async def test_same_origin_redirect_out_of_media_api_refused(
+    make_parts: MakeParts, stub: StubServer, location: str
+) -> None:
+    """A same-origin redirect outside the media API is refused; the token never goes there."""
+    stub.media["abc"] = _redirect_to(location)
+    parts = await make_parts()
+    with pytest.raises(UpstreamError) as info:
+        await parts.source.open(MediaId(SERVER, "abc"))
+    assert info.value.status == 502
+    (only,) = [
+        s
+        for s in stub.seen
+        if s.raw_path != "/_matrix/client/versions" and "/media/config" not in s.raw_path
+    ]
+    assert only.raw_path.startswith("/_matrix/client/v1/media/download/example.org/abc")
+
+
+async def test_token_not_sent_after_leaving_origin(
+    make_parts: MakeParts, stub: StubServer, other_origin: StubServer
+) -> None:
+    """A listed host redirecting back into the media API gets no token sent there."""
+    other_origin.media["blob"] = _redirect_to(
+        f"{stub.url}/_matrix/client/v1/media/download/example.org/moved"
+    )
+    stub.media["abc"] = _redirect_to(f"{other_origin.url}/cdn/blob")
+    stub.media["moved"] = serve_bytes(b"moved")
+    parts = await make_parts(redirect_hosts=("127.0.0.1",))
+    assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"moved"
+    first, back = stub.media_requests()
+    assert first.headers["Authorization"] == f"Bearer {AS_TOKEN}"
+    assert "Authorization" not in back.headers
 
 
 async def test_redirect_within_origin_keeps_token(make_parts: MakeParts, stub: StubServer) -> None:
@@ -470,26 +573,62 @@ async def test_not_found_is_remembered(make_parts: MakeParts, stub: StubServer) 
     assert len(stub.media_requests()) == 2
 
 
-async def test_unauthorized_breaks_identity_until_success(
-    make_parts: MakeParts, stub: StubServer
+@pytest.mark.parametrize(
+    ("status", "errcode", "exception"),
+    [
+        (403, "M_FORBIDDEN", UpstreamUnauthorized),
+        (401, "M_UNKNOWN_TOKEN", UpstreamUnauthorized),
+        (500, "M_UNKNOWN", UpstreamError),
+        (502, "M_UNKNOWN", UpstreamError),
+    ],
+)
+async def test_media_failure_is_per_media_and_remembered(
+    make_parts: MakeParts,
+    stub: StubServer,
+    status: int,
+    errcode: str,
+    exception: type[UpstreamError],
 ) -> None:
-    """401 → UpstreamUnauthorized and identity_ok False; the next success restores it."""
+    """One item's 401/403/5xx leaves readiness alone and is remembered for failure_ttl."""
 
     async def refused(request: web.Request) -> web.StreamResponse:
-        return error_response(401, "M_UNKNOWN_TOKEN")
+        return error_response(status, errcode)
 
     stub.media["abc"] = refused
     stub.media["fine"] = serve_bytes(b"fine")
     parts = await make_parts()
-    with pytest.raises(UpstreamUnauthorized) as info:
-        await parts.source.open(MediaId(SERVER, "abc"))
-    assert info.value.status == 502
-    assert parts.capabilities.identity_ok is False
-    assert parts.capabilities.last_error is not None
-    assert "401" in parts.capabilities.last_error
-    assert await _read(await parts.source.open(MediaId(SERVER, "fine"))) == b"fine"
+    media = MediaId(SERVER, "abc")
+    for _ in range(5):
+        with pytest.raises(exception) as info:
+            await parts.source.open(media)
+        assert info.value.status == 502
+        assert int(info.value.to_matrix_error().headers["Retry-After"]) >= 1
+    assert len(stub.media_requests()) == 1
+    assert parts.metrics.value("relay_negative_cache_hits") == 4
+    # The identity check (media config with the token) answered fine: still ready.
     assert parts.capabilities.identity_ok is True
-    assert _requests(parts.metrics) == {"unauthorized": 1, "ok": 1}
+    assert await _read(await parts.source.open(MediaId(SERVER, "fine"))) == b"fine"
+    parts.clock.now += 11
+    with pytest.raises(exception):
+        await parts.source.open(media)
+    assert len(stub.media_requests()) == 3
+
+
+async def test_rate_limit_back_off_is_capped(make_parts: MakeParts, stub: StubServer) -> None:
+    """A retry_after_ms of days backs off every download for MAX_BACKOFF seconds at most."""
+
+    async def limited(request: web.Request) -> web.StreamResponse:
+        return error_response(429, "M_LIMIT_EXCEEDED", retry_after_ms=7 * 86400 * 1000)
+
+    stub.media["abc"] = limited
+    parts = await make_parts()
+    with pytest.raises(UpstreamRateLimited) as info:
+        await parts.source.open(MediaId(SERVER, "abc"))
+    assert info.value.retry_after == MAX_BACKOFF == 300
+    assert parts.fetcher.backoff_remaining() == MAX_BACKOFF
+    parts.clock.now += MAX_BACKOFF
+    stub.media["abc"] = serve_bytes(b"ok now")
+    assert await _read(await parts.source.open(MediaId(SERVER, "abc"))) == b"ok now"
 
 
 @pytest.mark.parametrize(
