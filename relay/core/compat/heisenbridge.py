@@ -8,7 +8,7 @@ The checksum, as heisenbridge 1.15.4 computes it (``BridgeAppService.mxc_checksu
     return base64.urlsafe_b64encode(checksum_raw[:8]).decode("utf-8").rstrip("=")
 
 ``media_key`` is the ``heisenbridge.media_key`` of the bridge's registration file, else
-its ``media_key`` config (``!media_key`` in the control room), else its ``hs_token``
+its stored ``media_key`` config, else its ``hs_token``
 (all as UTF-8). Note the trailing ``/`` after the media id in the MAC input.
 
 What heisenbridge gets wrong and the relay does not copy: it compares with ``!=``
