@@ -23,14 +23,17 @@ from relay.media.cache import MediaCache
 from relay.media.downloads import MediaSource
 from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
+from relay.media.revalidation import Revalidator
 from relay.media.revocation import RevocationCheck
 from relay.media.thumbnails import ThumbnailLimits
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
+from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher, Timeouts
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
+from relay.upstream.probe import MediaProbe
 from relay.upstream.redirects import RedirectPolicy
 from relay.web.appservice import AppserviceAPI, IngestHooks
 from relay.web.bridge_api import BridgeAPI
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 JOIN_ATTEMPTS = 5
 # The audit trail is swept this often (at most; more often when the retention is short).
 AUDIT_SWEEP_INTERVAL = 3600.0
+# A revalidation holds the requests for its item while it runs: never for long.
+PROBE_TIMEOUT = 10.0
 READY_TIMEOUT = 5.0
 
 
@@ -202,9 +207,24 @@ class Relay:
             ),
             strip_metadata=media.strip_metadata,
         )
-        self.revocations = RevocationCheck(self.store, on_discovered=self._purge)
+        self.revocations = RevocationCheck(self.store, on_discovered=self._on_discovered)
+        probe = MediaProbe(
+            self.session,
+            cfg.homeserver.address,
+            cfg.appservice.as_token,
+            fetcher,
+            self.metrics,
+            timeout=min(PROBE_TIMEOUT, media.read_timeout),
+        )
+        revalidator = Revalidator(
+            probe, self._on_gone, self.metrics, interval=media.revalidate_after
+        )
         self.pipeline = MediaPipeline(
-            self.store, self.revocations, self.media_source, self.renditions
+            self.store,
+            self.revocations,
+            self.media_source,
+            self.renditions,
+            revalidator=revalidator,
         )
         ring = key_ring(cfg)
         try:
@@ -348,7 +368,25 @@ class Relay:
         for item in media:
             if self.revocations is not None:
                 self.revocations.mark_revoked(item)
+            self.metrics.revocations_by_source.labels(REDACTION).inc()
             await self._purge(item)
+
+    async def _on_discovered(self, media: MediaId) -> None:
+        """Another process (or ``media-relay revoke``) revoked it: purge here, count by source."""
+        await self._purge(media)
+        if self._db is not None:
+            source = await Takedowns(self._db).source(media)
+            self.metrics.revocations_by_source.labels(source or REDACTION).inc()
+
+    async def _on_gone(self, media: MediaId) -> None:
+        """Revalidation found it gone upstream: refuse it here at once, purge, record it."""
+        if self.revocations is not None:
+            self.revocations.mark_revoked(media)
+        self.metrics.revocations_by_source.labels(HOMESERVER).inc()
+        await self._purge(media)
+        if self._db is not None:
+            # For every process on the database (within a second, like a redaction).
+            await Takedowns(self._db).revoke(media, HOMESERVER)
 
     async def _purge(self, media: MediaId) -> None:
         """Forget the media here (also when another process revoked it), then its files."""

@@ -238,6 +238,17 @@ class MediaCache:
         self._metrics.cache_hits.inc()
         return item.entry
 
+    def oldest(self, server_name: str, media_id: str) -> float | None:
+        """The ``created_at`` of the oldest entry of a media item (any variant), or None.
+
+        No I/O: revalidation seeds its last-check time from this (an entry was made
+        from an upstream answer no older than itself).
+        """
+        digests = self._by_media.get((server_name, media_id))
+        if not digests:
+            return None
+        return min(self._index[d].entry.created_at for d in digests)
+
     def __contains__(self, key: CacheKey) -> bool:
         return key.digest() in self._index
 

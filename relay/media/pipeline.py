@@ -36,6 +36,7 @@ from relay.core.signing import LinkClaims
 from relay.http.headers import normalise_content_type
 from relay.media.downloads import FileBody, MediaBody, MediaSource
 from relay.media.renditions import RenditionFailed, Renditions, thumbnail_filename, to_matrix_error
+from relay.media.revalidation import Revalidator
 from relay.media.revocation import RevocationCheck
 from relay.media.thumbnails import ThumbnailError
 from relay.support.memo import TTLCache
@@ -110,24 +111,33 @@ class MediaPipeline:
         source: MediaSource,
         renditions: Renditions,
         *,
+        revalidator: Revalidator | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._records = records
         self.revocations = revocations
         self.source = source
         self.renditions = renditions
+        self.revalidator = revalidator
         # One-element tuples, so that a remembered "never seen" (None) is not a miss.
         self._record_memo: TTLCache[MediaId, tuple[MediaRecord | None]] = TTLCache(
             RECORD_TTL, RECORD_MEMO_ENTRIES, clock=monotonic
         )
 
     async def admit(self, media: MediaId) -> None:
-        """Refuse revoked media (410) before anything is fetched, rendered or remembered."""
+        """Refuse revoked media (410) before anything is fetched, rendered or remembered.
+
+        Cached media not confirmed upstream for ``media.revalidate_after`` is checked
+        first (gone: 404; unconfirmed past the grace: 503; relay.media.revalidation).
+        """
         revoked = self.revocations.remembered(media)
         if revoked is None:
             revoked = await database(self.revocations.is_revoked(media))
         if revoked:
             raise MatrixError(410, Codes.NOT_FOUND, "The media was redacted")
+        if self.revalidator is not None:
+            cached_at = self.source.cache.oldest(media.server_name, media.media_id)
+            await self.revalidator.ensure_served(media, cached_at)
 
     async def open(self, claims: LinkClaims, *, need_file: bool = False) -> Served:
         """The body a link serves; with ``need_file`` a complete file (for Range).
@@ -169,6 +179,8 @@ class MediaPipeline:
         """Forget everything of ``media``: its record, a remembered 404, its files."""
         self._record_memo.discard(media)
         self.source.fetcher.forget_missing(media)
+        if self.revalidator is not None:
+            self.revalidator.forget(media)
         await self.source.purge(media)
 
     async def close(self) -> None:
@@ -176,6 +188,8 @@ class MediaPipeline:
         await self.renditions.close()
         await self.source.close()
         await self.revocations.close()
+        if self.revalidator is not None:
+            await self.revalidator.close()
 
     async def _record(self, media: MediaId) -> MediaRecord | None:
         """The media record, remembered for RECORD_TTL seconds ("never seen" too)."""
