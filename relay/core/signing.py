@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from urllib.parse import quote
 
-from relay.core.mxc import MediaId, is_valid_media_id, is_valid_server_name
+from relay.core.mxc import MediaId, is_canonical_server_name, is_valid_media_id
 from relay.core.variant import THUMBNAIL_METHODS, Thumbnail, ThumbnailMethod, Variant
 
 VERSION = "1"
@@ -220,8 +220,9 @@ def _check_claims(claims: LinkClaims) -> None:
     media = claims.media
     if not isinstance(media, MediaId):
         raise ValueError("claims.media must be a MediaId")
-    if not is_valid_server_name(media.server_name) or not is_valid_media_id(media.media_id):
-        raise ValueError(f"cannot sign invalid media id {media}")
+    # Canonical only (relay.core.mxc): one link, one cache key, one revocation per media.
+    if not is_canonical_server_name(media.server_name) or not is_valid_media_id(media.media_id):
+        raise ValueError(f"cannot sign invalid or non-canonical media id {media}")
     variant = claims.variant
     if variant is not None:
         if not isinstance(variant, Thumbnail):
@@ -329,7 +330,7 @@ def _parse(token: object) -> tuple[str, LinkClaims, str] | None:
     if not ok:
         return None
     server_name = _decode_server(server_text)
-    if server_name is None or not is_valid_server_name(server_name):
+    if server_name is None or not is_canonical_server_name(server_name):
         return None
     if not _MEDIA_ID.fullmatch(media_id) or not is_valid_media_id(media_id):
         return None

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Protocol
 
-from relay.core.mxc import InvalidMxc, MediaId, is_valid_media_id, is_valid_server_name
+from relay.core.mxc import InvalidMxc, MediaId, is_canonical_server_name, is_valid_media_id
 from relay.core.variant import variant_key
 from relay.media.attachments import (
     AttachmentDecryptor,
@@ -205,8 +205,9 @@ class MediaSource:
     @staticmethod
     def cache_key(media: MediaId, encryption: EncryptionLike | None = None) -> CacheKey:
         """The cache key of an original; decrypted plaintext never shares the ciphertext's."""
-        if not is_valid_server_name(media.server_name) or not is_valid_media_id(media.media_id):
-            # MediaId is a plain dataclass: refuse anything parse_mxc would have refused.
+        if not is_canonical_server_name(media.server_name) or not is_valid_media_id(media.media_id):
+            # MediaId is a plain dataclass: refuse anything parse_mxc would not return
+            # (a non-canonical server name would be a second cache entry for one media).
             raise InvalidMxc("invalid media id")
         variant = variant_key(None)
         if encryption is not None:
