@@ -39,6 +39,7 @@ from relay.web.appservice import AppserviceAPI, IngestHooks
 from relay.web.bridge_api import BridgeAPI
 from relay.web.compat import CompatServer, SeenCheck
 from relay.web.legacy_media import LegacyMedia
+from relay.web.listener import ConnectionLimits, LimitedSite, ensure_descriptors, runner_args
 from relay.web.middleware import error_middleware
 from relay.web.public import MediaServer
 
@@ -162,7 +163,11 @@ class Relay:
         self.internal_url = await self._listen(
             internal, cfg.appservice.hostname, cfg.appservice.port
         )
-        self.public_url = await self._listen(public, cfg.public.hostname, cfg.public.port)
+        limits = ConnectionLimits(
+            cfg.public.header_timeout, cfg.public.send_timeout, cfg.public.max_connections
+        )
+        ensure_descriptors(limits)
+        self.public_url = await self._listen(public, cfg.public.hostname, cfg.public.port, limits)
         log.info("internal listener (homeserver and bridges) on %s", self.internal_url)
         log.info(
             "public listener (signed media links) on %s, links start with %s",
@@ -290,11 +295,22 @@ class Relay:
             ", ".join(v for v in versions.get("versions", []) if isinstance(v, str)),
         )
 
-    async def _listen(self, app: web.Application, host: str, port: int) -> str:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    async def _listen(
+        self, app: web.Application, host: str, port: int, limits: ConnectionLimits | None = None
+    ) -> str:
+        """Serve ``app``; the public listener gets ``limits`` (relay.web.listener).
+
+        No access log on either: a public path is a signed link, a capability.
+        """
+        extra = runner_args(limits) if limits is not None else {}
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, **extra)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, host, port)
+        site: web.BaseSite = (
+            LimitedSite(runner, host, port, limits, self.metrics)
+            if limits is not None
+            else web.TCPSite(runner, host, port)
+        )
         try:
             await site.start()
         except OSError as e:

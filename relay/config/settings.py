@@ -121,6 +121,12 @@ class PublicConfig(Section):
     url: Annotated[str, PlainValidator(lambda v: http_url(v, keep_slash=True))]
     hostname: Text = "0.0.0.0"  # noqa: S104 - the public listener is meant to be reachable
     port: Port = 29341
+    # Connection limits of the public listener (relay.web.listener): seconds for a
+    # request head to arrive (also the idle keep-alive time), seconds a client may read
+    # nothing of a response, connections open at once (more get 503 and are closed).
+    header_timeout: Annotated[float, number(0.1, 3600)] = 30.0
+    send_timeout: Annotated[float, number(0.1, 3600)] = 60.0
+    max_connections: Annotated[int, integer(1, 1_000_000)] = 1024
 
     @property
     def path_prefix(self) -> str:

@@ -123,6 +123,11 @@ class Metrics:
             registry=r,
         )
         self.served_bytes = Counter("relay_served_bytes", "Body bytes sent to clients", registry=r)
+        self.connections_refused = Counter(
+            "relay_public_connections_refused",
+            "Public connections closed at once: public.max_connections were open",
+            registry=r,
+        )
         self.signed = Counter(
             "relay_signed_urls",
             "Signed URLs minted, by who asked (bridge name or cli)",
