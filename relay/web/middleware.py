@@ -26,6 +26,20 @@ def error_response(error: MatrixError, *, head: bool = False) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def loggable_path(request: web.Request) -> str:
+    """The request's route pattern, never its path: a public path is a signed link.
+
+    ``/media/{token}/{filename}`` says which handler failed; the token itself is a
+    capability that anyone reading the logs could use (issue 13, finding 10). The
+    same on the internal listener, whose values (transaction ids) handlers log themselves.
+    """
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None:
+        return "(no route)"
+    return resource.canonical
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every failure as Matrix JSON; never let one request crash the process."""
@@ -55,8 +69,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(MatrixError(e.status, Codes.UNKNOWN, e.reason), head=head)
     except (ConnectionResetError, TimeoutError) as e:
         # The client went away; nothing to answer.
-        log.debug("client connection lost during %s %s: %s", request.method, request.path, e)
+        log.debug(
+            "client connection lost during %s %s: %s", request.method, loggable_path(request), e
+        )
         raise
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s", request.method, loggable_path(request))
         return error_response(MatrixError(500, Codes.UNKNOWN, "Internal server error"), head=head)
