@@ -39,6 +39,7 @@ from relay.core.mxc import MediaId
 from relay.core.signing import LinkClaims
 from relay.media.pipeline import MediaPipeline, MediaRecords, database
 from relay.support.memo import TTLCache
+from relay.web.middleware import loggable_path
 from relay.web.public import LINK_KEY, MediaServer
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,9 @@ class CompatServer:
         now = self._clock()
         entry, checked = _first_signed(group, request.match_info, now)
         if entry is None or checked.media is None:
-            log.info("refused %s link %s: %s", group[0].kind, request.path, checked.reason)
+            # The route, not the path: a link refused here (a key misconfigured) may be valid.
+            kind, route = group[0].kind, loggable_path(request)
+            log.info("refused %s link %s: %s", kind, route, checked.reason)
             raise MatrixError(403, Codes.FORBIDDEN, "Invalid or unsigned link")
         request[LINK_KEY] = (entry.kind, entry.name)
         if checked.verdict is Verdict.EXPIRED:
