@@ -11,8 +11,10 @@ What it does:
      command; ``--force`` because the files were never posted in a room);
   3. warms the relay's cache with one GET per link and checks length and SHA-256
      against the upload (Synapse's own download is checked the same way);
-  4. runs ``wrk`` against four targets, one at a time, the other server idle:
-     relay 100 KiB, Synapse 100 KiB, relay 100 MiB, Synapse 100 MiB. Synapse is asked
+  4. runs ``wrk`` against five targets, one at a time, the other server idle:
+     relay 100 KiB, Synapse 100 KiB, relay 100 MiB, Synapse 100 MiB, and the 100 KiB
+     file through a heisenbridge link (``compat:``, the same pipeline behind another
+     verifier; ``signing.require_seen: false`` as the file was never posted). Synapse is asked
      through its authenticated endpoint, ``GET /_matrix/client/v1/media/download/…``
      with the user's access token, as a Matrix client would. Each target gets an
      unmeasured warm-up run, then N measured rounds interleave the targets (so a burst
@@ -22,8 +24,9 @@ What it does:
      use per target, the relay's peak RSS (``VmHWM`` of its process, covering start-up,
      the cache warm-up and every run), and checks the targets of the issue:
      relay/Synapse requests/s at 100 KiB >= 10, MB/s at 100 MiB >= 3, relay peak
-     RSS < 80 MiB. A run with a non-2xx answer, a socket error or short bodies is
-     invalid and fails the benchmark.
+     RSS < 80 MiB, and a compat link at >= 0.9x the native link's requests/s. A run
+     with a non-2xx answer, a socket error or short bodies is invalid and fails the
+     benchmark.
 
 Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``).
 Takes about 55 s with the defaults.
@@ -55,6 +58,8 @@ from benchkit import (
     write_yaml,
 )
 
+from relay.core.compat import heisenbridge
+from relay.core.mxc import parse_mxc
 from relay.devtools.local_synapse import LocalSynapse
 
 APPSERVICE_ID = "media-relay-serve-bench"
@@ -63,6 +68,8 @@ SMALL_SIZE = 100 * 1024
 LARGE_SIZE = 100 * 1024 * 1024
 LINK_TTL = 3600
 TARGET_SMALL_RPS_RATIO = 10.0
+TARGET_COMPAT_RPS_RATIO = 0.9  # a compat link costs one more HMAC: within noise
+HEISENBRIDGE_KEY = "bench-heisenbridge-media-key-0123456789"
 TARGET_LARGE_MBPS_RATIO = 3.0
 TARGET_PEAK_RSS_MIB = 80.0
 RSS_SAMPLE_SECONDS = 0.1
@@ -291,7 +298,7 @@ def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool
     best = best_runs(runs)
     print()
     header = (
-        f"{'target':<17} {'conns':>5} {'req/s':>7} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'target':<26} {'conns':>5} {'req/s':>7} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'CPU':>5}  {'all rounds':<18} errors"
     )
     print(header)
@@ -304,7 +311,7 @@ def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool
         )
         problems = sorted({p for x in runs if x.target is r.target for p in x.problems})
         print(
-            f"{server + ' ' + r.target.label:<17} {r.target.connections:>5} "
+            f"{server + ' ' + r.target.label:<26} {r.target.connections:>5} "
             f"{r.requests_per_second:>7.0f} {r.megabytes_per_second:>7.0f} "
             f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.cpu_cores:>5.0%}  {rounds:<18} "
             f"{', '.join(problems) or 'none'}"
@@ -315,12 +322,17 @@ def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool
     large = key_figure(best[("relay", LARGE_SIZE)]) / max(
         key_figure(best[("Synapse", LARGE_SIZE)]), 1e-9
     )
+    compat = key_figure(best[("relay heisenbridge", SMALL_SIZE)]) / max(
+        key_figure(best[("relay", SMALL_SIZE)]), 1e-9
+    )
     valid = all(not r.problems for r in runs)
     checks = [
         ("req/s at 100 KiB, relay / Synapse", f"{small:.1f}x",
          f">= {TARGET_SMALL_RPS_RATIO:g}x", small >= TARGET_SMALL_RPS_RATIO),
         ("MB/s at 100 MiB, relay / Synapse", f"{large:.1f}x",
          f">= {TARGET_LARGE_MBPS_RATIO:g}x", large >= TARGET_LARGE_MBPS_RATIO),
+        ("req/s at 100 KiB, compat / native", f"{compat:.2f}x",
+         f">= {TARGET_COMPAT_RPS_RATIO:g}x", compat >= TARGET_COMPAT_RPS_RATIO),
         ("relay peak RSS", f"{peak_rss_mib:.1f} MiB",
          f"< {TARGET_PEAK_RSS_MIB:g} MiB", peak_rss_mib < TARGET_PEAK_RSS_MIB),
     ]  # fmt: skip
@@ -374,6 +386,7 @@ async def bench(
     print(f"Synapse ready and files uploaded after {time.monotonic() - started:.1f} s", flush=True)
 
     relay_dir = setup.workdir / "relay"
+    relay_base = f"http://127.0.0.1:{setup.public_port}"
     relay_dir.mkdir()
     config = write_yaml(
         relay_dir / "config.yaml",
@@ -384,7 +397,18 @@ async def bench(
             cache_dir=relay_dir / "cache",
             # The default max_size (100M) is exactly the large file; leave headroom.
             media={"max_size": "1G"},
+            signing={"require_seen": False},
+            compat={
+                "heisenbridge": [
+                    {"name": "bench", "url": relay_base + "/", "media_key": HEISENBRIDGE_KEY}
+                ]
+            },
         ),
+    )
+    compat_link = (
+        relay_base
+        + "/"
+        + heisenbridge.link_path(HEISENBRIDGE_KEY.encode(), parse_mxc(mxcs[SMALL_SIZE]))
     )
     links = {size: await asyncio.to_thread(sign, config, mxc) for size, mxc in mxcs.items()}
     async with relay_process(config, setup.internal_port) as relay:
@@ -394,6 +418,8 @@ async def bench(
                 # The first GET fills the relay's cache; the second is a cache hit.
                 for _ in range(2):
                     await fetch_and_check(session, links[size], {}, digests[size], size)
+                if size == SMALL_SIZE:
+                    await fetch_and_check(session, compat_link, {}, digests[size], size)
                 await fetch_and_check(
                     session,
                     synapse_download_url(synapse.base_url, mxcs[size]),
@@ -416,6 +442,10 @@ async def bench(
             targets.append(
                 Target("Synapse", label, size, synapse_url, (bearer,), conns, synapse_pid)
             )
+            if size == SMALL_SIZE:
+                targets.append(
+                    Target("relay heisenbridge", label, size, compat_link, (), conns, relay_pid)
+                )
         sampler = RssSampler(relay_pid)
         sampler.start()
         runs: list[Run] = []

@@ -50,6 +50,10 @@ NO_EXPIRY_MAX_AGE = 3600
 # on every request before this one).
 SEEN_TTL = 5.0
 SEEN_MEMO_ENTRIES = 4_096
+# Links that verified, by path: a MAC that verified once verifies again under the same
+# keys (fixed for the server's life), so a repeat skips it; expiry is checked every time.
+# As in relay.web.public, only verified links are kept: a forgery costs its MAC each time.
+LINK_MEMO_ENTRIES = 4_096
 
 Verify = Callable[[web.UrlMappingMatchInfo, float], Checked]
 
@@ -130,6 +134,7 @@ class CompatServer:
         *,
         require_seen: bool,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._entries = entries(config)
         self._server = media_server
@@ -137,6 +142,9 @@ class CompatServer:
         self._seen = seen
         self._require_seen = require_seen
         self._clock = clock
+        self._verified: TTLCache[str, tuple[Entry, Checked]] = TTLCache(
+            math.inf, LINK_MEMO_ENTRIES, clock=monotonic
+        )
 
     def routes(self) -> list[web.RouteDef]:
         """Each entry's paths under its URL prefix and without it; shared paths grouped."""
@@ -164,16 +172,24 @@ class CompatServer:
         """``GET``/``HEAD`` of one bridge link (see the module docstring for the order)."""
         request[LINK_KEY] = (group[0].kind, group[0].name)
         now = self._clock()
-        entry, checked = _first_signed(group, request.match_info, now)
-        if entry is None or checked.media is None:
-            # The route, not the path: a link refused here (a key misconfigured) may be valid.
-            kind, route = group[0].kind, loggable_path(request)
-            log.info("refused %s link %s: %s", kind, route, checked.reason)
-            raise MatrixError(403, Codes.FORBIDDEN, "Invalid or unsigned link")
+        remembered = self._verified.get(request.path)
+        if remembered is None:
+            entry, checked = _first_signed(group, request.match_info, now)
+            if entry is None or checked.media is None:
+                # The route, not the path: a link refused here (a key misconfigured) may be valid.
+                kind, route = group[0].kind, loggable_path(request)
+                log.info("refused %s link %s: %s", kind, route, checked.reason)
+                raise MatrixError(403, Codes.FORBIDDEN, "Invalid or unsigned link")
+            if checked.verdict is Verdict.VALID:
+                self._verified.put(request.path, (entry, checked))
+        else:
+            entry, checked = remembered
         request[LINK_KEY] = (entry.kind, entry.name)
-        if checked.verdict is Verdict.EXPIRED:
-            raise MatrixError(410, Codes.NOT_FOUND, "This link has expired")
+        # The verifiers' expiry rule, checked on every use (a NaN clock counts as expired).
+        expired = checked.expires_at is not None and not now < checked.expires_at
         media = checked.media
+        if checked.verdict is Verdict.EXPIRED or expired or media is None:
+            raise MatrixError(410, Codes.NOT_FOUND, "This link has expired")
         # Revoked (410) before unseen (404): a redacted event's media has no live reference.
         await self._pipeline.admit(media)
         if self._require_seen:

@@ -9,6 +9,7 @@ d5223cdc8fcebace5f1de8d9b02f4f4568fc663d (pinned by tests/unit/core/compat/test_
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -366,3 +367,19 @@ def test_media_id_helper() -> None:
     assert hb_link("http://x", str(media)).startswith(
         "http://x/hb/_heisenbridge/media/localhost/abc/"
     )
+
+
+async def test_a_remembered_link_still_expires(
+    relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession, base: str
+) -> None:
+    """A link that verified (and is remembered) answers 410 once its expiry second is over."""
+    data = unique_png()
+    _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
+    expires_at = int(time.time()) + 1
+    url = wa_link(base, mxc, expires_at)
+    for _ in range(2):  # the second answer comes from the remembered verification
+        assert (await fetch(http_session, url))[0] == 200
+    await asyncio.sleep(max(0.0, expires_at + 1 - time.time()) + 0.05)
+    status, _, body = await fetch(http_session, url)
+    assert (status, errcode(body)) == (410, "M_NOT_FOUND")
+    assert data not in body
