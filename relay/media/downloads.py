@@ -41,6 +41,8 @@ from relay.upstream.fetcher import MediaFetcher
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
+# Leading bytes a caller sees before choosing to stream (magic numbers; thumbnails.SNIFF_BYTES).
+HEAD_BYTES = 16
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 
@@ -121,6 +123,24 @@ class _Download(Flight[CacheEntry]):
 
     async def wait_progress(self) -> None:
         await self._progress.wait()
+
+    async def head(self) -> bytes:
+        """The first HEAD_BYTES of the body (fewer if it is shorter), once they are written.
+
+        Empty when the file was already renamed into the cache (the caller then waits
+        for the entry instead of streaming); raises the download's error.
+        """
+        while self.written < HEAD_BYTES and not self.done:
+            await self.wait_progress()
+        if self.error is not None:
+            raise self.error
+        writer = self.writer
+        if writer is None or self.committing:
+            return b""
+        try:
+            return await asyncio.to_thread(read_head, writer.path)
+        except FileNotFoundError:
+            return b""
 
     async def result(self) -> CacheEntry:
         try:
@@ -220,12 +240,13 @@ class MediaSource:
         media: MediaId,
         encryption: EncryptionLike | None = None,
         *,
-        whole_if: Callable[[str], bool] = lambda content_type: False,
+        whole_if: Callable[[str, bytes], bool] = lambda content_type, head: False,
     ) -> MediaBody:
         """The original: a cached file, or a stream of the download under way.
 
-        ``whole_if(upstream content type)`` true: wait for the complete file instead of
-        streaming (Range needs it, and so does metadata stripping).
+        ``whole_if(upstream content type, first bytes)`` true: wait for the complete file
+        instead of streaming (Range needs it, and so does metadata stripping, which
+        goes by the bytes: an image labelled octet-stream must not stream out whole).
 
         Raises the ``Upstream*`` exceptions (and CiphertextHashMismatch) when the
         download fails before its first byte; a stream raises them mid-body.
@@ -239,9 +260,10 @@ class MediaSource:
             await download.headers_ready.wait()
             if download.error is not None:
                 raise download.error
+            head = await download.head()
             writer = download.writer
             in_progress = not download.done and not download.committing
-            if writer is not None and in_progress and not whole_if(download.content_type):
+            if writer is not None and in_progress and not whole_if(download.content_type, head):
                 # No await between this check and the open inside StreamingBody.
                 return StreamingBody(download, writer.path)
         return FileBody(await download.result())
@@ -343,6 +365,12 @@ class MediaSource:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 ciphertext.unlink()
+
+
+def read_head(path: Path) -> bytes:
+    """The first HEAD_BYTES of a file (what magic numbers are read from)."""
+    with path.open("rb") as f:
+        return f.read(HEAD_BYTES)
 
 
 def _write_and_hash(fd: int, data: bytes, decryptor: AttachmentDecryptor) -> None:

@@ -13,12 +13,21 @@ Choices:
   EXIF holding only that tag, where the original EXIF was.
 - Anything after the image's end (JPEG EOI, PNG IEND, the RIFF size) is dropped:
   phones append extra images and vendor trailers there, with their own EXIF.
-- We strip only what the declared content type says the file is, and only when
-  the bytes agree; anything malformed is left alone (the function returns False).
+- The bytes decide, never the declared type: ``image/jpg``, ``image/pjpeg``,
+  ``application/octet-stream`` or no type at all still carry the EXIF of a JPEG. A
+  file is handled when its magic number says JPEG, PNG or WebP
+  (:func:`relay.media.thumbnails.sniff_format`, the one signature table).
+- A file that says it is one of those but whose structure cannot be walked is
+  :attr:`Stripped.MALFORMED`: the caller refuses it (422) rather than serve metadata
+  it could not find. One exception, the common one: a JPEG cut short inside its
+  entropy-coded data (an interrupted upload) has all its segments before that point;
+  they are stripped as usual, the partial scan kept, and an EOI appended, so viewers
+  show what there is, as they would of the original.
 """
 
 from __future__ import annotations
 
+import enum
 import mmap
 import struct
 import zlib
@@ -27,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from relay.http.headers import media_type
+from relay.media.thumbnails import SNIFF_BYTES, sniff_format
 
 # A piece of the output: a (start, end) range of the source, or new bytes.
 Piece = tuple[int, int] | bytes
@@ -37,32 +46,48 @@ _EXIF_HEADER = b"Exif\x00\x00"
 
 
 class _Malformed(Exception):
-    """The file does not follow its format's structure; we leave it alone."""
+    """The file does not follow its format's structure."""
 
 
-def strip_metadata(src: Path, dst: Path, content_type: str) -> bool:
+class Stripped(enum.Enum):
+    """What :func:`strip_metadata` did."""
+
+    REMOVED = "removed"  # dst holds the file without its metadata
+    CLEAN = "clean"  # a JPEG, PNG or WebP with nothing to remove: serve src
+    NOT_HANDLED = "not-handled"  # by its bytes not a JPEG, PNG or WebP: serve src as it is
+    MALFORMED = "malformed"  # one of those, but unwalkable: serve neither
+
+
+# The media type each handled format is served as (by its bytes, not its label).
+STRIPPED_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+
+
+def handled_type(head: bytes) -> str | None:
+    """``image/jpeg``, ``image/png`` or ``image/webp`` when ``head`` (the first
+    ``SNIFF_BYTES`` bytes) starts a file this module strips, else None."""
+    return STRIPPED_TYPES.get(sniff_format(head) or "")
+
+
+def strip_metadata(src: Path, dst: Path) -> Stripped:
     """Write ``src`` without personal metadata to ``dst``, pixels untouched.
 
-    Returns True when something was removed (``dst`` is then written), False when
-    nothing needed removing, the type is not handled (only JPEG, PNG and WebP are),
-    or the file is malformed (``dst`` is then not written and the caller serves the
-    original). Only I/O errors on the two files raise (``OSError``).
+    ``dst`` is written only for :attr:`Stripped.REMOVED`. Only I/O errors on the two
+    files raise (``OSError``).
     """
-    planner = _PLANNERS.get(media_type(content_type))
-    if planner is None:
-        return False
     with src.open("rb") as f:
-        if f.seek(0, 2) == 0:
-            return False  # mmap cannot map an empty file, and there is nothing to strip
+        fmt = sniff_format(f.read(SNIFF_BYTES))
+        planner = _PLANNERS.get(fmt or "")
+        if planner is None:
+            return Stripped.NOT_HANDLED
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             try:
                 plan = planner(data)
             except (_Malformed, struct.error, IndexError, ValueError):
-                return False
+                return Stripped.MALFORMED
             if _same_as_source(plan, data):
-                return False
+                return Stripped.CLEAN
             _write(plan, data, dst)
-    return True
+    return Stripped.REMOVED
 
 
 def _same_as_source(plan: Sequence[Piece], data: mmap.mmap) -> bool:
@@ -167,8 +192,13 @@ def _plan_jpeg(data: mmap.mmap) -> list[Piece]:
         if marker == _SOS:
             # Entropy-coded data follows the scan header; copy it verbatim up to the next
             # marker (progressive files have several scans, with tables between them).
-            end = _entropy_end(data, end)
+            end, truncated = _entropy_end(data, end)
             plan.keep(start, end)
+            if truncated:
+                # Cut short inside the scan (no EOI): every segment before it has been
+                # seen and stripped; keep the partial scan and close the file properly.
+                plan.add(b"\xff\xd9")
+                return plan.pieces
         elif _APP0 <= marker <= _APP15 or marker == _COM:
             payload = data[pos + 2 : end]
             if _keep_jpeg_app(marker, payload):
@@ -194,13 +224,16 @@ def _keep_jpeg_app(marker: int, payload: bytes) -> bool:
     return marker == _APP14 and payload.startswith(b"Adobe")  # colour transform flag
 
 
-def _entropy_end(data: mmap.mmap, pos: int) -> int:
-    """Where the entropy-coded data starting at ``pos`` ends: the next real marker."""
+def _entropy_end(data: mmap.mmap, pos: int) -> tuple[int, bool]:
+    """Where the entropy-coded data starting at ``pos`` ends (the next real marker), and
+    whether the file was cut short inside it instead."""
     n = len(data)
     while True:
         i = data.find(b"\xff", pos)
-        if i < 0 or i + 1 >= n:
-            raise _Malformed  # no EOI: truncated
+        if i < 0:
+            return n, True  # no EOI: truncated
+        if i + 1 >= n:
+            return i, True  # a lone FF at the very end: half a marker, dropped
         following = data[i + 1]
         # FF00 is a stuffed data byte, FFD0-FFD7 restart markers inside the scan,
         # FFFF a fill byte before a marker (T.81 B.1.1.5, F.1.2.3).
@@ -209,7 +242,7 @@ def _entropy_end(data: mmap.mmap, pos: int) -> int:
         elif following == 0xFF:
             pos = i + 1
         else:
-            return i
+            return i, False
 
 
 # --- PNG (PNG 3rd edition, sections 5.3 and 11.3) ---------------------------------------
@@ -312,10 +345,9 @@ def _plan_webp(data: mmap.mmap) -> list[Piece]:
     return plan.pieces
 
 
+# By the format the bytes have (relay.media.thumbnails.sniff_format).
 _PLANNERS: dict[str, Callable[[mmap.mmap], list[Piece]]] = {
-    "image/jpeg": _plan_jpeg,
-    "image/jpg": _plan_jpeg,  # not registered, but seen in the wild
-    "image/pjpeg": _plan_jpeg,
-    "image/png": _plan_png,
-    "image/webp": _plan_webp,
+    "JPEG": _plan_jpeg,
+    "PNG": _plan_png,
+    "WEBP": _plan_webp,
 }

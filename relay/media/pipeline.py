@@ -35,6 +35,7 @@ from relay.core.records import MediaRecord
 from relay.core.signing import LinkClaims
 from relay.http.headers import normalise_content_type
 from relay.media.downloads import FileBody, MediaBody, MediaSource
+from relay.media.image_privacy import handled_type
 from relay.media.renditions import RenditionFailed, Renditions, thumbnail_filename, to_matrix_error
 from relay.media.revalidation import Revalidator
 from relay.media.revocation import RevocationCheck
@@ -159,12 +160,19 @@ class MediaPipeline:
             body = await self.source.open(
                 media,
                 encryption,
-                whole_if=lambda upstream_type: need_file or renditions.strips(upstream_type),
+                whole_if=lambda upstream_type, head: (
+                    need_file or renditions.strips(upstream_type, head)
+                ),
             )
             content_type = choose_content_type(body, record)
-            if isinstance(body, FileBody) and renditions.strips(content_type):
-                stripped = await renditions.stripped(media, encryption, body.entry, content_type)
-                body = FileBody(stripped)
+            if isinstance(body, FileBody) and renditions.strip_metadata:
+                # The bytes decide (relay.media.image_privacy), not the declared type, and a
+                # stripped JPEG goes out as image/jpeg whatever it was labelled.
+                head = await renditions.head(body.entry)
+                if renditions.strips(content_type, head):
+                    content_type = handled_type(head) or content_type
+                    entry = await renditions.stripped(media, encryption, body.entry, content_type)
+                    body = FileBody(entry)
         except (ThumbnailError, RenditionFailed) as e:
             raise to_matrix_error(e) from None
         except FetchError as e:

@@ -31,8 +31,8 @@ from relay.core.variant import Thumbnail, variant_key
 from relay.http.headers import media_type, normalise_content_type
 from relay.media.attachments import EncryptionLike
 from relay.media.cache import CacheEntry, CacheKey, CacheWriter, MediaCache
-from relay.media.downloads import MediaSource, Purged
-from relay.media.image_privacy import strip_metadata
+from relay.media.downloads import MediaSource, Purged, read_head
+from relay.media.image_privacy import STRIPPED_TYPES, Stripped, handled_type, strip_metadata
 from relay.media.thumbnails import (
     ImageTooLarge,
     NotAnImage,
@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STRIPPED = "stripped"
-# What relay.image_privacy.strip_metadata can clean without re-encoding.
-STRIPPABLE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp"})
+# What relay.image_privacy.strip_metadata can clean without re-encoding (by the bytes;
+# a declared type among these also makes the download wait for the whole file).
+STRIPPABLE_TYPES = frozenset(STRIPPED_TYPES.values())
 # Declared types that are surely not images: refused before downloading (a film
 # need not be fetched to learn that it cannot be thumbnailed).
 NON_IMAGE_MAJOR_TYPES = frozenset({"text", "video", "audio", "font", "model", "multipart"})
@@ -74,14 +75,20 @@ class RenditionFailed(Exception):
     """A rendition could not be written for a local reason (a full disk, say)."""
 
 
+class UnstrippableImage(ThumbnailError):
+    """A JPEG, PNG or WebP (by its bytes) whose structure cannot be walked, so its
+    metadata cannot be found: refused (422) rather than served with it."""
+
+
 def to_matrix_error(error: ThumbnailError | RenditionFailed) -> MatrixError:
     """The client's answer: 400 (not an image, bad size, undecodable), 422 (too many
-    pixels) or 503 (local failure); never 500. ``ThumbnailError`` messages are safe."""
+    pixels, or metadata that cannot be removed) or 503 (local failure); never 500.
+    ``ThumbnailError`` messages are safe."""
     if isinstance(error, RenditionFailed):
         return MatrixError(
             503, Codes.UNKNOWN, "The media could not be prepared", {"Retry-After": str(RETRY_AFTER)}
         )
-    if isinstance(error, ImageTooLarge):
+    if isinstance(error, ImageTooLarge | UnstrippableImage):
         return MatrixError(TOO_LARGE_STATUS, Codes.UNKNOWN, str(error))
     return MatrixError(400, Codes.UNKNOWN, str(error))
 
@@ -160,9 +167,19 @@ class Renditions:
 
     # -- originals ----------------------------------------------------------------------
 
-    def strips(self, content_type: str) -> bool:
-        """Whether originals of this served type go out stripped of metadata."""
-        return self.strip_metadata and media_type(content_type) in STRIPPABLE_TYPES
+    def strips(self, content_type: str, head: bytes) -> bool:
+        """Whether an original whose first bytes are ``head`` goes out stripped of
+        metadata: decided by the bytes, or by a declared type that says it should."""
+        if not self.strip_metadata:
+            return False
+        return handled_type(head) is not None or media_type(content_type) in STRIPPABLE_TYPES
+
+    async def head(self, entry: CacheEntry) -> bytes:
+        """The first bytes of a cached file (empty when it vanished: served as a miss)."""
+        try:
+            return await asyncio.to_thread(read_head, entry.path)
+        except FileNotFoundError:
+            return b""
 
     async def stripped(
         self,
@@ -171,7 +188,9 @@ class Renditions:
         source: CacheEntry,
         content_type: str,
     ) -> CacheEntry:
-        """The original without metadata: the stripped rendition, or ``source`` when clean.
+        """The original without metadata: the stripped rendition, or ``source`` when clean
+        or not a JPEG, PNG or WebP by its bytes. ``content_type`` is what the stripped
+        file is served as (the sniffed type). Raises :class:`UnstrippableImage`.
 
         Trade-off: stripping needs the complete file, so a JPEG, PNG or WebP is not
         streamed while it downloads; the first request waits for the whole download
@@ -183,13 +202,16 @@ class Renditions:
             return source
         key = derived_key(source_key, STRIPPED)
 
-        def strip(src: Path, dst: Path) -> bool:
-            return strip_metadata(src, dst, content_type)
-
         async def make() -> CacheEntry:
             writer = self._begin(key)
-            used, changed = await self._work_on_source(writer, media, encryption, source, strip)
-            if not changed:
+            used, outcome = await self._work_on_source(
+                writer, media, encryption, source, strip_metadata
+            )
+            if outcome is Stripped.MALFORMED:
+                writer.abort()
+                log.info("refusing %s: its metadata cannot be located", media)
+                raise UnstrippableImage("The image is damaged; its metadata cannot be removed")
+            if outcome is not Stripped.REMOVED:
                 writer.abort()
                 self._clean.put(source_key, used.sha256)
                 return used

@@ -37,6 +37,8 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
     (b"GIF87a", "GIF"),
     (b"GIF89a", "GIF"),
 )
+# How many leading bytes sniff_format needs (RIFF....WEBP is the longest signature).
+SNIFF_BYTES = 16
 _ANIMATED_FORMATS = {"GIF": ("GIF", "image/gif"), "WEBP": ("WEBP", "image/webp")}
 _JPEG_QUALITY = 80
 # EXIF orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
@@ -157,7 +159,7 @@ def render_thumbnail(
     """
     check_request(thumb, limits)
     with src.open("rb") as fp:
-        fmt = sniff_format(fp.read(16))
+        fmt = sniff_format(fp.read(SNIFF_BYTES))
         if fmt is None:
             raise NotAnImage("Content is not a JPEG, PNG, WebP or GIF image")
         fp.seek(0)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms
 from PIL.PngImagePlugin import PngInfo
 
-from relay.media.image_privacy import strip_metadata
+from relay.media.image_privacy import Stripped, handled_type, strip_metadata
 
 ORIENTATION = 0x0112
 GPS_IFD = 0x8825
@@ -123,7 +123,7 @@ def test_jpeg_metadata_is_removed_and_coded_data_kept(
     src = _jpeg(tmp_path, mode=mode, orientation=orientation, progressive=progressive)
     original = src.read_bytes()
     dst = tmp_path / "dst.jpg"
-    assert strip_metadata(src, dst, "image/jpeg") is True
+    assert strip_metadata(src, dst) is Stripped.REMOVED
     stripped = dst.read_bytes()
 
     for needle in (b"PhoneMaker", b"Camera app", b"Elm St", b"xmpmeta", b"8BIM", b"MPF\x00"):
@@ -155,7 +155,7 @@ def test_jpeg_trailing_data_is_dropped(tmp_path: Path) -> None:
     """Bytes after EOI (appended images, vendor trailers) are removed."""
     src = _jpeg(tmp_path, metadata=False, trailer=b"SEFT trailer with GPS 51.5,-0.1")
     dst = tmp_path / "dst.jpg"
-    assert strip_metadata(src, dst, "image/jpeg") is True
+    assert strip_metadata(src, dst) is Stripped.REMOVED
     assert dst.read_bytes() == src.read_bytes()[: -len(b"SEFT trailer with GPS 51.5,-0.1")]
 
 
@@ -163,7 +163,7 @@ def test_jpeg_without_metadata_is_left_alone(tmp_path: Path) -> None:
     """A JPEG with only JFIF, ICC and coded data needs nothing: False, dst not written."""
     src = _jpeg(tmp_path, metadata=False)
     dst = tmp_path / "dst.jpg"
-    assert strip_metadata(src, dst, "image/jpeg") is False
+    assert strip_metadata(src, dst) is Stripped.CLEAN
     assert not dst.exists()
 
 
@@ -172,8 +172,8 @@ def test_jpeg_stripping_is_idempotent(tmp_path: Path, orientation: int | None) -
     """A stripped JPEG (even one keeping its minimal Orientation EXIF) needs no more stripping."""
     src = _jpeg(tmp_path, orientation=orientation)
     once, twice = tmp_path / "once.jpg", tmp_path / "twice.jpg"
-    assert strip_metadata(src, once, "image/jpeg") is True
-    assert strip_metadata(once, twice, "image/jpeg") is False
+    assert strip_metadata(src, once) is Stripped.REMOVED
+    assert strip_metadata(once, twice) is Stripped.CLEAN
     assert not twice.exists()
 
 
@@ -187,7 +187,7 @@ def test_jpeg_fill_bytes_before_markers_are_accepted(tmp_path: Path) -> None:
     src = tmp_path / "src.jpg"
     src.write_bytes(padded)
     dst = tmp_path / "dst.jpg"
-    assert strip_metadata(src, dst, "image/jpeg") is True
+    assert strip_metadata(src, dst) is Stripped.REMOVED
     assert b"secret" not in dst.read_bytes()
     assert _decoded(dst.read_bytes()) == _decoded(data)
 
@@ -226,7 +226,7 @@ def test_png_metadata_chunks_are_removed(tmp_path: Path, orientation: int | None
     src = _png(tmp_path, orientation=orientation)
     original = src.read_bytes()
     dst = tmp_path / "dst.png"
-    assert strip_metadata(src, dst, "image/png") is True
+    assert strip_metadata(src, dst) is Stripped.REMOVED
     stripped = dst.read_bytes()
 
     dropped = {b"tEXt", b"zTXt", b"iTXt", b"tIME", b"eXIf"}
@@ -256,7 +256,7 @@ def test_png_without_metadata_is_left_alone(tmp_path: Path) -> None:
     """A PNG with nothing personal returns False and writes nothing."""
     src = _png(tmp_path, metadata=False)
     dst = tmp_path / "dst.png"
-    assert strip_metadata(src, dst, "image/png") is False
+    assert strip_metadata(src, dst) is Stripped.CLEAN
     assert not dst.exists()
 
 
@@ -264,8 +264,8 @@ def test_png_stripping_is_idempotent(tmp_path: Path) -> None:
     """Stripping a stripped PNG (with its minimal eXIf) changes nothing."""
     src = _png(tmp_path, orientation=6)
     once, twice = tmp_path / "once.png", tmp_path / "twice.png"
-    assert strip_metadata(src, once, "image/png") is True
-    assert strip_metadata(once, twice, "image/png") is False
+    assert strip_metadata(src, once) is Stripped.REMOVED
+    assert strip_metadata(once, twice) is Stripped.CLEAN
 
 
 # --- WebP ---------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ def test_webp_exif_and_xmp_are_removed(tmp_path: Path, orientation: int | None) 
     assert [c[0] for c in before] == [b"VP8X", b"ICCP", b"VP8L", b"EXIF", b"XMP "]
     assert before[0][1][0] & 0x0C == 0x0C
     dst = tmp_path / "dst.webp"
-    assert strip_metadata(src, dst, "image/webp") is True
+    assert strip_metadata(src, dst) is Stripped.REMOVED
     stripped = dst.read_bytes()
 
     after = _riff_chunks(stripped)
@@ -329,7 +329,7 @@ def test_webp_without_metadata_is_left_alone(tmp_path: Path) -> None:
     """A simple lossy WebP (no VP8X, so no metadata possible) returns False."""
     src = tmp_path / "src.webp"
     _photo().save(src, format="WEBP", quality=80)
-    assert strip_metadata(src, tmp_path / "dst.webp", "image/webp") is False
+    assert strip_metadata(src, tmp_path / "dst.webp") is Stripped.CLEAN
     assert not (tmp_path / "dst.webp").exists()
 
 
@@ -351,32 +351,28 @@ def _png_bytes(path: Path) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("make", "content_type"),
+    ("make", "expected", "served_as"),
     [
-        (_gif, "image/gif"),
-        (_jpeg_bytes, "application/octet-stream"),
-        (_jpeg_bytes, "text/html"),
-        (_jpeg_bytes, "image/png"),  # declared type and content disagree: left alone
-        (_png_bytes, "image/jpeg"),
-        (_png_bytes, "image/webp"),
-        (lambda p: b"<html><body>hi</body></html>", "image/jpeg"),
+        (_gif, Stripped.NOT_HANDLED, None),
+        (lambda p: b"<html><body>hi</body></html>", Stripped.NOT_HANDLED, None),
+        (lambda p: b"", Stripped.NOT_HANDLED, None),
+        (lambda p: b"\xff\xd8", Stripped.NOT_HANDLED, None),  # SOI without a marker
+        (_jpeg_bytes, Stripped.REMOVED, "image/jpeg"),
+        (_png_bytes, Stripped.REMOVED, "image/png"),
     ],
 )
-def test_unhandled_types_are_left_alone(
-    tmp_path: Path, make: Callable[[Path], bytes], content_type: str
+def test_the_bytes_decide(
+    tmp_path: Path,
+    make: Callable[[Path], bytes],
+    expected: Stripped,
+    served_as: str | None,
 ) -> None:
-    """Only JPEG, PNG and WebP whose bytes match the declared type are stripped."""
+    """Magic numbers, not a label, say what is stripped (a label is not even asked for)."""
     src = tmp_path / "input"
     src.write_bytes(make(src))
-    assert strip_metadata(src, tmp_path / "dst", content_type) is False
-    assert not (tmp_path / "dst").exists()
-
-
-@pytest.mark.parametrize("content_type", ["image/JPEG", "image/jpeg; charset=binary", "image/jpg"])
-def test_content_type_spellings(tmp_path: Path, content_type: str) -> None:
-    """Case, parameters and the common image/jpg alias are understood."""
-    src = _jpeg(tmp_path)
-    assert strip_metadata(src, tmp_path / "dst", content_type) is True
+    assert handled_type(src.read_bytes()[:16]) == served_as
+    assert strip_metadata(src, tmp_path / "dst") is expected
+    assert (tmp_path / "dst").exists() == (expected is Stripped.REMOVED)
 
 
 def _malformed_jpegs() -> list[bytes]:
@@ -384,29 +380,60 @@ def _malformed_jpegs() -> list[bytes]:
     _photo().save(buf, format="JPEG", exif=_gps_exif(6), comment=b"x")
     good = buf.getvalue()
     sos = good.index(b"\xff\xda")
+    app1 = good.index(b"\xff\xe1")
     return [
-        b"",
-        b"\xff\xd8",
         b"\xff\xd8\xff",
         b"\xff\xd8\xff\xe1\x00",  # length cut off
         b"\xff\xd8\xff\xe1\xff\xf0Exif\x00\x00",  # length past the end
         b"\xff\xd8\xff\xe1\x00\x01",  # length below 2
-        b"\xff\xd8\x00\x00\x00",  # no marker where one must be
-        good[: sos + 40],  # cut inside the entropy-coded data: no EOI
-        good[: len(good) // 2],
-        good[:-2],  # EOI missing
+        good[: app1 + 40],  # cut inside the EXIF segment (GPS before the cut)
+        good[:sos],  # cut before the first scan
         b"\xff\xd8\xff\xd8" + good[2:],  # second SOI
-        bytes(range(256)) * 4,
     ]
 
 
 @pytest.mark.parametrize("data", _malformed_jpegs())
-def test_malformed_jpeg_is_left_alone(tmp_path: Path, data: bytes) -> None:
-    """Truncated or garbage JPEG returns False without raising and writes nothing."""
+def test_malformed_jpeg_is_refused(tmp_path: Path, data: bytes) -> None:
+    """A JPEG whose segments cannot be walked is MALFORMED (never served), nothing written."""
     src = tmp_path / "src.jpg"
     src.write_bytes(data)
-    assert strip_metadata(src, tmp_path / "dst", "image/jpeg") is False
+    assert strip_metadata(src, tmp_path / "dst") is Stripped.MALFORMED
     assert not (tmp_path / "dst").exists()
+
+
+def _gps_jpeg_bytes() -> bytes:
+    buf = io.BytesIO()
+    _photo().save(buf, format="JPEG", exif=_gps_exif(6), comment=b"camera serial 12345")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        lambda good, sos: good[: sos + 40],  # inside the entropy-coded data: no EOI
+        lambda good, sos: good[: len(good) // 2],
+        lambda good, sos: good[:-2],  # only the EOI missing
+        lambda good, sos: good[:-1],  # half the EOI
+    ],
+)
+def test_truncated_jpeg_is_stripped_as_far_as_it_goes(
+    tmp_path: Path, cut: Callable[[bytes, int], bytes]
+) -> None:
+    """Cut inside its scan, a JPEG loses its metadata, keeps its partial scan, gains an EOI."""
+    good = _gps_jpeg_bytes()
+    sos = good.index(b"\xff\xda")
+    data = cut(good, sos)
+    assert b"camera serial" in data
+    src = tmp_path / "src.jpg"
+    src.write_bytes(data)
+    dst = tmp_path / "dst.jpg"
+    assert strip_metadata(src, dst) is Stripped.REMOVED
+    out = dst.read_bytes()
+    assert b"camera serial" not in out
+    assert b"Exif" in data and b"\x88\x25" not in out[: out.index(b"\xff\xda")]  # GPS IFD tag
+    assert out.endswith(b"\xff\xd9")
+    scan = data[sos:].removesuffix(b"\xff")
+    assert out[:-2].endswith(scan)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -434,11 +461,12 @@ def _malformed_pngs() -> list[bytes]:
 
 
 @pytest.mark.parametrize("data", _malformed_pngs())
-def test_malformed_png_is_left_alone(tmp_path: Path, data: bytes) -> None:
-    """Truncated or garbage PNG returns False without raising and writes nothing."""
+def test_malformed_png_is_refused(tmp_path: Path, data: bytes) -> None:
+    """A truncated or garbled PNG is MALFORMED (a bad signature: not a PNG), nothing written."""
     src = tmp_path / "src.png"
     src.write_bytes(data)
-    assert strip_metadata(src, tmp_path / "dst", "image/png") is False
+    expected = Stripped.MALFORMED if handled_type(data[:16]) else Stripped.NOT_HANDLED
+    assert strip_metadata(src, tmp_path / "dst") is expected
     assert not (tmp_path / "dst").exists()
 
 
@@ -454,15 +482,17 @@ _WEBP_BREAKERS: list[Callable[[bytes], bytes]] = [
 
 
 @pytest.mark.parametrize("breaker", _WEBP_BREAKERS)
-def test_malformed_webp_is_left_alone(tmp_path: Path, breaker: Callable[[bytes], bytes]) -> None:
-    """Truncated or inconsistent WebP returns False without raising and writes nothing."""
+def test_malformed_webp_is_refused(tmp_path: Path, breaker: Callable[[bytes], bytes]) -> None:
+    """A truncated or inconsistent WebP is MALFORMED (no RIFF/WEBP: not a WebP), unwritten."""
     src = tmp_path / "bad.webp"
-    src.write_bytes(breaker(_webp(tmp_path, orientation=6).read_bytes()))
-    assert strip_metadata(src, tmp_path / "dst", "image/webp") is False
+    data = breaker(_webp(tmp_path, orientation=6).read_bytes())
+    src.write_bytes(data)
+    expected = Stripped.MALFORMED if handled_type(data[:16]) else Stripped.NOT_HANDLED
+    assert strip_metadata(src, tmp_path / "dst") is expected
     assert not (tmp_path / "dst").exists()
 
 
 def test_missing_source_is_an_os_error(tmp_path: Path) -> None:
     """Only file-level I/O problems raise."""
     with pytest.raises(FileNotFoundError):
-        strip_metadata(tmp_path / "gone.jpg", tmp_path / "dst", "image/jpeg")
+        strip_metadata(tmp_path / "gone.jpg", tmp_path / "dst")

@@ -325,12 +325,17 @@ async def test_clean_original_is_served_as_is_and_remembered(world: World) -> No
 
 
 @pytest.mark.parametrize(
-    ("content_type", "strip"),
-    [("image/jpeg", False), ("image/gif", True), ("text/plain", True), ("video/mp4", True)],
+    ("content_type", "head", "strip"),
+    [
+        ("image/jpeg", b"\xff\xd8\xff\xe0", False),
+        ("image/gif", b"GIF89a", True),
+        ("text/plain", b"hello", True),
+        ("video/mp4", b"\x00\x00\x00\x18ftypmp42", True),
+    ],
 )
 async def test_stripping_off_or_unhandled_type_serves_the_body_as_is(
-    world: World, content_type: str, strip: bool
+    world: World, content_type: str, head: bytes, strip: bool
 ) -> None:
     """strip_metadata: false, and types strip_metadata cannot clean, pass the body through."""
     renditions = world.renditions(strip_metadata=strip)
-    assert renditions.strips(content_type) is False
+    assert renditions.strips(content_type, head) is False
