@@ -152,7 +152,7 @@ async def test_heisenbridge_link_served_with_relay_headers_and_range(
 async def test_forged_links_are_403_and_nothing_is_served(
     relay: Relay, alice: MatrixUser, http_session: aiohttp.ClientSession, base: str
 ) -> None:
-    """A checksum from another key, or a flipped character, is 403 M_FORBIDDEN for every kind."""
+    """Another key, a flipped character or another kind's checksum: 403 M_FORBIDDEN, no body."""
     data = unique_png()
     _, mxc, _ = await post_media(relay, alice, data, "image/png", "cat.png")
     media = parse_mxc(mxc)
@@ -162,6 +162,11 @@ async def test_forged_links_are_403_and_nothing_is_served(
         f"{base}/_mautrix/publicmedia/{media.server_name}/{media.media_id}/"
         + mautrix.checksum(b"not-the-key-of-any-entry", media, 32),
         f"{base}/irc/v1/media/download/AQ" + "A" * 120,
+        # wrong kind: heisenbridge's valid checksum on the mautrix path, and back
+        f"{base}/_mautrix/publicmedia/{media.server_name}/{media.media_id}/"
+        + heisenbridge.checksum(HB_KEY.encode(), media),
+        f"{base}/_heisenbridge/media/{media.server_name}/{media.media_id}/"
+        + mautrix.checksum(WA_KEY.encode(), media, 16, int(time.time()) + 60),
     ]
     for url in forged:
         status, _, body = await fetch(http_session, url)
@@ -172,7 +177,7 @@ async def test_forged_links_are_403_and_nothing_is_served(
         relay.metrics.value(
             "relay_link_requests", {"kind": "heisenbridge", "entry": "hb", "status": "403"}
         )
-        == 1
+        == 2
     )
 
 
