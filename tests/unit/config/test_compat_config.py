@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from relay.config.errors import ConfigError
-from relay.config.loading import validate
+from relay.config.loading import load, validate
 from tests.harness.config_documents import minimal
+from tests.harness.relay import write_config
 
 JWK = {"kty": "oct", "k": "kMfFsge8ORxo0ssDwZhA2rDLhzrOmL2oLFFjIAFHYWjB1kKja2Ld0iMvWUaUwLSo"}
 KEY = "k" * 32
@@ -92,3 +93,11 @@ def test_unknown_key_near_miss(tmp_path: Path) -> None:
     compat = {"heisenbridge": [{"name": "x", "url": "https://a.example", "media_keys": KEY}]}
     found = problems(minimal(compat=compat), tmp_path)
     assert "compat.heisenbridge[0].media_keys: unknown key (did you mean 'media_key'?)" in found
+
+
+def test_legacy_media_from_the_environment(tmp_path: Path) -> None:
+    """RELAY_COMPAT_LEGACY_MEDIA switches the legacy paths on; a near miss is named."""
+    path = write_config(tmp_path / "config.yaml", minimal())
+    assert load(path, environ={"RELAY_COMPAT_LEGACY_MEDIA": "true"}).compat.legacy_media
+    with pytest.raises(ConfigError, match="did you mean RELAY_COMPAT_LEGACY_MEDIA"):
+        load(path, environ={"RELAY_COMPAT_LEGACY_MEDA": "true"})
