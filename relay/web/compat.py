@@ -5,7 +5,9 @@ One request, in order:
 1. the kind's verifier (:mod:`relay.core.compat`) checks the link against each entry
    whose route matched (several entries may share a path: two IRC networks behind one
    host, or the same path without the prefix), stopping at the first whose key signed
-   it: none → 403 ``M_FORBIDDEN``, expired → 410;
+   it: none → 403 ``M_FORBIDDEN``, expired → 410. A link that verified is remembered by
+   its path (so a repeat skips the MACs, as native tokens do), its expiry checked again
+   on every request;
 2. revoked → 410 (:meth:`MediaPipeline.admit <relay.media.pipeline.MediaPipeline.admit>`);
 3. unless ``signing.require_seen`` is false, media the relay has not seen in a room it
    serves → 404 ``M_NOT_FOUND``, without an upstream request (native links are only
