@@ -22,6 +22,7 @@ from relay.core.events import (
     extract_media,
     redacted_event_id,
     replaced_event_id,
+    storable_text,
 )
 from relay.core.redactions import PowerLevels
 
@@ -98,9 +99,18 @@ class TransactionPlan:
 
 
 def room_ids(events: Sequence[object]) -> set[str]:
-    """Room ids mentioned by well-formed-enough events, to look up which are served."""
+    """Room ids mentioned by well-formed-enough events, to look up which are served.
+
+    Only ids a query can carry: a NUL (PostgreSQL) or a lone surrogate (either driver)
+    in one event's ``room_id`` would fail the lookup, and with it the whole transaction
+    on every retry; such an event is dropped as malformed by the plan anyway.
+    """
     return {
-        e["room_id"] for e in events if isinstance(e, Mapping) and isinstance(e.get("room_id"), str)
+        e["room_id"]
+        for e in events
+        if isinstance(e, Mapping)
+        and isinstance(e.get("room_id"), str)
+        and storable_text(e["room_id"])
     }
 
 

@@ -7,9 +7,7 @@ SQLite: none may answer 5xx, and every error is Matrix JSON with an errcode.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from hypothesis import HealthCheck, settings
 
 from relay.app import Relay
 from tests.harness.relay import MakeConfig
+from tests.harness.threaded import ThreadedRelay
 
 pytestmark = pytest.mark.synapse
 
@@ -31,28 +30,6 @@ if not SPEC.is_dir():
     if os.environ.get("CI"):
         raise RuntimeError(f"the Matrix spec is required in CI, expected at {SPEC}")
     pytest.skip(f"the Matrix spec's OpenAPI files are not at {SPEC}", allow_module_level=True)
-
-
-class ThreadedRelay:
-    """A relay on an event loop of its own thread, so blocking HTTP calls can reach it."""
-
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fuzzed-relay")
-
-    def __enter__(self) -> ThreadedRelay:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.relay.start(), self._loop).result(60)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        try:
-            asyncio.run_coroutine_threadsafe(self.relay.stop(), self._loop).result(60)
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
 
 
 @pytest.fixture
@@ -73,6 +50,7 @@ def check_operation(case: schemathesis.Case, fuzzed: ThreadedRelay) -> None:
 
 def _fuzz_test(path: Path) -> Callable[..., Any]:
     schema = schemathesis.openapi.from_path(str(path))
+
     def test(case: schemathesis.Case, fuzzed: ThreadedRelay) -> None:
         check_operation(case, fuzzed)
 
