@@ -50,6 +50,11 @@ JOIN_ATTEMPTS = 5
 AUDIT_SWEEP_INTERVAL = 3600.0
 # A revalidation holds the requests for its item while it runs: never for long.
 PROBE_TIMEOUT = 10.0
+# Revocations committed elsewhere (another process's ingest or revalidation, `media-relay
+# revoke`) are looked for this often, so every process purges its copy and cuts its
+# responses under way within a second; the writers' clocks may differ by the margin.
+REVOCATION_POLL = 0.5
+REVOCATION_CLOCK_MARGIN_MS = 5_000
 READY_TIMEOUT = 5.0
 
 
@@ -129,6 +134,7 @@ class Relay:
         await self._check_homeserver()
 
         media_server, bridge_api = await self._start_media()
+        self._spawn(self._watch_revocations())
 
         internal = web.Application(
             middlewares=[error_middleware], client_max_size=cfg.appservice.max_transaction_size
@@ -393,6 +399,25 @@ class Relay:
         if self._db is not None:
             source = await Takedowns(self._db).source(media)
             self.metrics.revocations_by_source.labels(source or REDACTION).inc()
+
+    async def _watch_revocations(self) -> None:
+        """Apply revocations committed elsewhere: refuse, purge, cut responses under way."""
+        assert self._db is not None
+        takedowns = Takedowns(self._db)
+        newest = int(time.time() * 1000)
+        while True:
+            await asyncio.sleep(REVOCATION_POLL)
+            try:
+                found = await takedowns.revoked_since(newest - REVOCATION_CLOCK_MARGIN_MS)
+            except Exception:
+                log.exception("could not look for new revocations; trying again")
+                continue
+            for media, revoked_at in found:
+                newest = max(newest, revoked_at)
+                if self.revocations is None or self.revocations.remembered(media) is True:
+                    continue  # known here already (revoked here, or seen by a request)
+                self.revocations.mark_revoked(media)
+                await self._on_discovered(media)
 
     async def _on_gone(self, media: MediaId) -> None:
         """Revalidation found it gone upstream: refuse it here at once, purge, record it."""

@@ -189,6 +189,7 @@ class MediaPipeline:
         self.source.fetcher.forget_missing(media)
         if self.revalidator is not None:
             self.revalidator.forget(media)
+        self.renditions.forget(media)
         await self.source.purge(media)
 
     async def close(self) -> None:

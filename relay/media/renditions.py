@@ -295,6 +295,13 @@ class Renditions:
             raise Purged(f"{key.server_name}/{key.media_id} was purged")
         return entry
 
+    def forget(self, media: MediaId) -> None:
+        """Drop what is remembered of ``media`` (revocation): clean-source answers, and
+        renders under way (detached: they run on, but their writers were purged)."""
+        item = (media.server_name, media.media_id)
+        self._clean.discard_where(lambda key: (key.server_name, key.media_id) == item)
+        self._flights.detach(lambda key: (key.server_name, key.media_id) == item)
+
     async def close(self) -> None:
         """Cancel renders under way (their waiters see CancelledError)."""
         await self._flights.close()

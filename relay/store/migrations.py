@@ -133,6 +133,8 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
     await conn.execute(
         "ALTER TABLE revoked_media ADD COLUMN source TEXT NOT NULL DEFAULT 'redaction'"
     )
+    # Every process polls for revocations made elsewhere (relay.app, _watch_revocations).
+    await conn.execute("CREATE INDEX revoked_media_time_idx ON revoked_media (revoked_at)")
     # media-relay revoke --room / --sender look references up by these.
     await conn.execute("CREATE INDEX media_reference_room_idx ON media_reference (room_id)")
     await conn.execute("CREATE INDEX media_reference_sender_idx ON media_reference (sender)")
@@ -153,3 +155,17 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
         "CREATE INDEX signing_audit_media_idx ON signing_audit (server_name, media_id, signed_at)"
     )
     await conn.execute("CREATE INDEX signing_audit_time_idx ON signing_audit (signed_at)")
+
+
+@upgrade_table.register(description="The outbox: follow-ups of committed transactions")  # type: ignore[call-arg, arg-type, untyped-decorator]
+async def upgrade_v5(conn: Connection, scheme: Scheme) -> None:
+    # relay.store.outbox: written in a transaction's own commit, deleted once done; what
+    # a crash left behind is done at the next start. One row per follow-up and subject.
+    await conn.execute(
+        """CREATE TABLE outbox (
+            kind       TEXT NOT NULL,
+            subject    TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (kind, subject)
+        )"""
+    )

@@ -81,6 +81,17 @@ class Takedowns:
             ordered = sorted(first_event, key=lambda m: (m.server_name, m.media_id))
             return [await _insert(conn, m, OPERATOR, first_event[m], now) for m in ordered]
 
+    async def revoked_since(self, since_ms: int) -> list[tuple[MediaId, int]]:
+        """Media revoked at or after ``since_ms`` (any source), with when, oldest first."""
+        rows = await self.db.fetch(
+            "SELECT server_name, media_id, revoked_at FROM revoked_media"
+            " WHERE revoked_at >= $1 ORDER BY revoked_at",
+            since_ms,
+        )
+        return [
+            (MediaId(row["server_name"], row["media_id"]), int(row["revoked_at"])) for row in rows
+        ]
+
     async def source(self, media: MediaId) -> str | None:
         """Who revoked ``media`` (one of :data:`SOURCES`), or None when it is not revoked."""
         value = await self.db.fetchval(

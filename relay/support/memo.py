@@ -70,6 +70,13 @@ class TTLCache(Generic[K, V]):
         """Forget ``key`` (no error if it is not there)."""
         self._items.pop(key, None)
 
+    def discard_where(self, matches: Callable[[K], bool]) -> int:
+        """Forget every key that ``matches``; returns how many (a scan: for rare events)."""
+        keys = [key for key in self._items if matches(key)]
+        for key in keys:
+            del self._items[key]
+        return len(keys)
+
     def clear(self) -> None:
         """Forget everything."""
         self._items.clear()

@@ -49,6 +49,7 @@ from relay.http.response import ResponsePlan, plan_response
 from relay.media.pipeline import MediaPipeline
 from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
+from relay.web.inflight import InFlight
 from relay.web.middleware import Handler
 from relay.web.sending import Sender, read_cached
 
@@ -125,11 +126,15 @@ class MediaServer:
         )
         # status → its child of the served counter (labels() costs a lookup per call).
         self._served: dict[int, Counter] = {}
+        self.in_flight = InFlight()
         self._by_link: dict[tuple[str, str, int], Counter] = {}
 
     def forget(self, media: MediaId) -> None:
-        """Drop what is remembered of ``media`` (called when it is revoked or purged)."""
+        """Drop what is remembered of ``media`` and cut its responses under way
+        (called when it is revoked or purged)."""
         self._ready.discard(media)
+        if cut := self.in_flight.cut(media):
+            log.info("cut %d response(s) of %s under way", cut, media)
 
     def routes(self) -> list[web.RouteDef]:
         """Links under ``public.url``'s path, and the same without it (proxies differ)."""
@@ -191,6 +196,14 @@ class MediaServer:
         # Before anything is fetched, rendered or remembered: a redacted event's media
         # and its thumbnails are never produced nor served again.
         await self._pipeline.admit(media)
+        with self.in_flight.track(media, request):
+            return await self._send_admitted(request, claims, now)
+
+    async def _send_admitted(
+        self, request: web.Request, claims: LinkClaims, now: float
+    ) -> web.StreamResponse:
+        """Steps 3-5 for media that :meth:`MediaPipeline.admit` let through."""
+        media = claims.media
         method = request.method
         request_headers = request.headers
         plain = (

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import socket
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -144,3 +147,63 @@ async def test_nothing_seen_is_an_error(make_config: MakeConfig, tmp_path: Path)
     code, out, err = await run_cli(tmp_path / "config.yaml", "revoke", "--event", "$nope")
     assert (code, out) == (EXIT_ERROR, "")
     assert "seen no media of event $nope" in err
+
+
+async def test_revoke_cuts_downloads_under_way_in_other_processes(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A large response that began before the revocation stops short, and the other
+    process purges its copy without waiting for another request."""
+    first = await start_relay(make_config(database=postgres_url))
+    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    data = secrets.token_bytes(16 * 1024 * 1024)  # far more than the sockets' buffers
+    _, mxc, _ = await post_media(first, alice, data, "application/octet-stream", "big.bin")
+    url = on(second, (await sign(http_session, first, mxc))["url"], first)
+    status, _, body = await fetch(http_session, url)
+    assert (status, len(body)) == (200, len(data))  # cached in the second process now
+
+    # A slow client (small receive buffer, ~1 MB/s): the body would take ~16 s.
+    target = urlsplit(url)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (target.hostname, target.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and f"{len(data)}".encode() in head
+
+    async def read_slowly() -> int:
+        received = 0
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(64 * 1024):
+                received += len(chunk)
+                await asyncio.sleep(0.06)
+        return received
+
+    reading = asyncio.create_task(read_slowly())
+    await asyncio.sleep(0.5)
+    assert not reading.done()
+    code, _, err = await run_cli(tmp_path / "config.yaml", "revoke", mxc)
+    assert code == EXIT_OK, err
+    revoked_at = time.monotonic()
+    received = await asyncio.wait_for(reading, 5)
+    writer.close()
+    assert time.monotonic() - revoked_at < 1.5
+    assert received < len(data) / 2, received
+    assert second.media_source is not None
+    key = MediaSource.cache_key(parse_mxc(mxc))
+
+    async def purged() -> bool:
+        assert second.media_source is not None
+        return key not in second.media_source.cache
+
+    await eventually(purged, within=1.0, interval=0.05)
+    assert second.media_server is not None and len(second.media_server.in_flight) == 0
