@@ -17,7 +17,7 @@ from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_HOMESERVER, StartupError
 from relay.core.ingest_plan import RoomPolicy
 from relay.core.minting import LinkMinter
-from relay.core.mxc import MediaId
+from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
 from relay.core.signing import KeyRing, SigningKey
 from relay.media.cache import MediaCache
 from relay.media.downloads import MediaSource
@@ -28,6 +28,7 @@ from relay.media.revocation import RevocationCheck
 from relay.media.thumbnails import ThumbnailLimits
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
+from relay.store.outbox import FollowUp, Kind, Outbox
 from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
@@ -96,6 +97,7 @@ class Relay:
         self.session: aiohttp.ClientSession | None = None
         self.store: Store | None = None
         self.audit: AuditWriter | None = None
+        self.outbox: Outbox | None = None
         self.homeserver: HomeserverClient | None = None
         self.capabilities: Capabilities | None = None
         self.media_source: MediaSource | None = None
@@ -125,6 +127,7 @@ class Relay:
         except DatabaseUnusable as e:
             raise StartupError(EXIT_DATABASE, str(e)) from e
         self.store = Store(self._db)
+        self.outbox = Outbox(self._db)
         self.audit = AuditWriter(AuditTrail(self._db))
         self.audit.start()
         self._spawn(self._sweep_audit())
@@ -181,6 +184,7 @@ class Relay:
             cfg.public.url,
         )
         self.join_rooms(await self.store.rooms_joining())
+        await self._resume_followups()
 
     async def _start_media(self) -> tuple[MediaServer, BridgeAPI]:
         """Capabilities, fetcher, cache, revocations; the public server and the bridge API."""
@@ -379,19 +383,50 @@ class Relay:
         log.error("giving up joining %s for now; will retry at the next start", room_id)
 
     async def _leave(self, room_id: str) -> None:
-        assert self.homeserver is not None
+        assert self.homeserver is not None and self.outbox is not None
         try:
             await self.homeserver.leave_room(room_id)
-        except (HomeserverError, HomeserverUnreachable) as e:
+        except HomeserverUnreachable as e:
+            # The outbox row stays: the next start tries again.
             log.warning("could not decline the invite to %s: %s", room_id, e)
+            return
+        except HomeserverError as e:
+            # The homeserver's word (no such invite any more): retrying cannot help.
+            log.warning("could not decline the invite to %s: %s", room_id, e)
+        await self.outbox.done(FollowUp(Kind.DECLINE, room_id))
+
+    async def _resume_followups(self) -> None:
+        """Do what the last run committed but did not live to do (relay.store.outbox)."""
+        assert self.outbox is not None
+        pending = await self.outbox.pending()
+        if not pending:
+            return
+        log.info("resuming %d follow-up(s) of transactions committed before", len(pending))
+        self.decline_invites([f.subject for f in pending if f.kind is Kind.DECLINE])
+        media: list[MediaId] = []
+        for f in pending:
+            if f.kind is Kind.PURGE:
+                try:
+                    media.append(parse_mxc(f.subject))
+                except InvalidMxc:
+                    log.warning("dropping an outbox row with an invalid mxc: %r", f.subject)
+                    await self.outbox.done(f)
+        if media:
+            self._spawn(self._on_revoked(media))
 
     async def _on_revoked(self, media: Sequence[MediaId]) -> None:
-        """After a redaction commits: refuse the media at once here, and purge its cache."""
+        """After a redaction commits: refuse the media at once here, and purge its cache.
+
+        Each item's outbox row is deleted once its files are gone (a failure leaves it
+        for the next start).
+        """
+        assert self.outbox is not None
         for item in media:
             if self.revocations is not None:
                 self.revocations.mark_revoked(item)
             self.metrics.revocations_by_source.labels(REDACTION).inc()
             await self._purge(item)
+            await self.outbox.done(FollowUp(Kind.PURGE, str(item)))
 
     async def _on_discovered(self, media: MediaId) -> None:
         """Another process (or ``media-relay revoke``) revoked it: purge here, count by source."""

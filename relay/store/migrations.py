@@ -155,3 +155,17 @@ async def upgrade_v4(conn: Connection, scheme: Scheme) -> None:
         "CREATE INDEX signing_audit_media_idx ON signing_audit (server_name, media_id, signed_at)"
     )
     await conn.execute("CREATE INDEX signing_audit_time_idx ON signing_audit (signed_at)")
+
+
+@upgrade_table.register(description="The outbox: follow-ups of committed transactions")  # type: ignore[call-arg, arg-type, untyped-decorator]
+async def upgrade_v5(conn: Connection, scheme: Scheme) -> None:
+    # relay.store.outbox: written in a transaction's own commit, deleted once done; what
+    # a crash left behind is done at the next start. One row per follow-up and subject.
+    await conn.execute(
+        """CREATE TABLE outbox (
+            kind       TEXT NOT NULL,
+            subject    TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (kind, subject)
+        )"""
+    )

@@ -13,6 +13,7 @@ from relay.core.ingest_plan import TransactionPlan
 from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
 from relay.core.redactions import PowerLevels, redaction_applies
+from relay.store.outbox import FollowUp, Kind, add_followups
 
 JOINING = "joining"
 JOINED = "joined"
@@ -106,6 +107,11 @@ class Store:
                     now,
                 )
             revoked = await self._apply_redactions(conn, plan, now)
+            # In the same transaction: a crash before they are done leaves them for the
+            # next start (relay.store.outbox). Joins are kept as served_room "joining".
+            followups = [FollowUp(Kind.DECLINE, r) for r in sorted(plan.invites_to_decline)]
+            followups += [FollowUp(Kind.PURGE, str(m)) for m in revoked]
+            await add_followups(conn, followups, now)
         return CommitResult(tuple(revoked), tuple(plan.rooms_to_serve))
 
     async def power_levels(self, room_ids: Iterable[str]) -> dict[str, PowerLevels]:
