@@ -111,6 +111,7 @@ async def test_revoke_reaches_every_process_within_a_second(
         assert data not in body
         assert relay.media_source is not None
         assert MediaSource.cache_key(parse_mxc(mxc)) not in relay.media_source.cache
+        assert relay.metrics.value("relay_revocations_by_source", {"source": "operator"}) == 1
     assert time.monotonic() - revoked_at < 2.0
 
     code, out, _ = await run_cli(tmp_path / "config.yaml", "revoke", *args)
