@@ -28,6 +28,13 @@ from typing import BinaryIO
 from PIL import Image, ImageOps
 
 from relay.core.variant import THUMBNAIL_METHODS, Thumbnail
+from relay.media.render_budget import (
+    DEFAULT_MAX_FRAME_PIXELS,
+    DEFAULT_MAX_MEMORY,
+    Source,
+    animated_frames_allowed,
+    static_cost,
+)
 
 # Formats we decode at all; everything else (BMP, TIFF, PSD, SVG, HTML...) is refused
 # before Pillow sees it, so a rarely used plugin's parser is never reached.
@@ -68,6 +75,11 @@ class ThumbnailLimits:
     max_pixels: int = 32_000_000
     # Frames kept in animated output; longer animations are cut short.
     max_frames: int = 100
+    # Peak bytes one render may hold, and canvas pixels an animation may decode
+    # (relay.media.render_budget): over them an animation is cut short, or rendered
+    # still, and a still image refused.
+    max_memory: int = DEFAULT_MAX_MEMORY
+    max_frame_pixels: int = DEFAULT_MAX_FRAME_PIXELS
 
 
 class ThumbnailError(Exception):
@@ -166,9 +178,13 @@ def render_thumbnail(
         with _open(fp, fmt, limits) as im:
             animated = thumb.animated and fmt in _ANIMATED_FORMATS and _is_animated(im)
             if animated:
-                frames, durations = _animated_frames(im, thumb, limits)
-                return _save_animated(frames, durations, im.info.get("loop"), fmt, dst)
-            frame = _static_frame(im, fmt, thumb)
+                made = _animated_frames(im, fmt, thumb, limits)
+                if made is not None:
+                    frames, durations = made
+                    return _save_animated(frames, durations, im.info.get("loop"), fmt, dst)
+                # Not two frames fit the budget: a still of the first frame, if that fits.
+                im.seek(0)
+            frame = _static_frame(im, fmt, thumb, limits)
     return _save_static(frame, dst)
 
 
@@ -212,7 +228,9 @@ def _is_animated(im: Image.Image) -> bool:
         raise UnreadableImage("Image cannot be decoded") from e
 
 
-def _static_frame(im: Image.Image, fmt: str, thumb: Thumbnail) -> Image.Image:
+def _static_frame(
+    im: Image.Image, fmt: str, thumb: Thumbnail, limits: ThumbnailLimits
+) -> Image.Image:
     """Decode the first frame, orient it, and resize it to the target size."""
     try:
         orientation = _orientation(im)
@@ -225,8 +243,13 @@ def _static_frame(im: Image.Image, fmt: str, thumb: Thumbnail) -> Image.Image:
             factor = size[0] / (box[2] - box[0])
             if factor < 1:
                 im.draft("RGB", (math.ceil(raw_w * factor), math.ceil(raw_h * factor)))
+        rotated = orientation != 1
+        source = Source(fmt, im.mode, im.width * im.height, "transparency" in im.info, rotated)
+        if static_cost(source, size[0] * size[1]) > limits.max_memory:
+            raise ImageTooLarge("Image needs more memory to thumbnail than this relay allows")
         im.load()
-        frame = _displayable(ImageOps.exif_transpose(im))
+        # exif_transpose copies even when there is nothing to turn: only call it to turn.
+        frame = _displayable(ImageOps.exif_transpose(im) if rotated else im)
         return _resize(frame, shown, size, box)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge("Image has too many pixels") from e
@@ -235,13 +258,16 @@ def _static_frame(im: Image.Image, fmt: str, thumb: Thumbnail) -> Image.Image:
 
 
 def _animated_frames(
-    im: Image.Image, thumb: Thumbnail, limits: ThumbnailLimits
-) -> tuple[list[Image.Image], list[int]]:
-    """Every frame (up to ``limits.max_frames``) composited, oriented and resized."""
+    im: Image.Image, fmt: str, thumb: Thumbnail, limits: ThumbnailLimits
+) -> tuple[list[Image.Image], list[int]] | None:
+    """The frames that fit the budget (up to ``limits.max_frames``), composited, oriented
+    and resized; None when fewer than two fit (the caller renders a still)."""
     frames: list[Image.Image] = []
     durations: list[int] = []
     try:
         orientation = _orientation(im)
+        rotated = orientation != 1
+        allowed, canvas, decoded = limits.max_frames, 0, 0
         for _ in _frame_indices(im, limits.max_frames):
             # A GIF frame may grow the canvas; check again before this frame is decoded.
             _check_pixels(im, limits)
@@ -249,16 +275,33 @@ def _animated_frames(
             swap = orientation in _SWAPPING_ORIENTATIONS
             shown = (raw_h, raw_w) if swap else (raw_w, raw_h)
             size, box = _resize_plan(shown, thumb)
+            if raw_w * raw_h > canvas:
+                canvas = raw_w * raw_h
+                source = Source(fmt, im.mode, canvas, rotated=rotated)
+                allowed = animated_frames_allowed(
+                    source,
+                    size[0] * size[1],
+                    max_frames=limits.max_frames,
+                    max_memory=limits.max_memory,
+                    max_frame_pixels=limits.max_frame_pixels,
+                )
+            decoded += raw_w * raw_h
+            if len(frames) >= allowed or decoded > limits.max_frame_pixels:
+                break  # the rest of the animation does not fit: cut it short here
             im.load()
-            frame = ImageOps.exif_transpose(im).convert("RGBA")
-            frames.append(_resize(frame, shown, size, box))
+            frame = ImageOps.exif_transpose(im) if rotated else im
+            if frame.mode not in ("RGB", "RGBA"):
+                frame = frame.convert("RGBA")  # the first, palette frame of a GIF
+            # Resized before anything else is done at full size; kept as small RGBA.
+            small = _resize(frame, shown, size, box)
+            frames.append(small if small.mode == "RGBA" else small.convert("RGBA"))
             durations.append(int(im.info.get("duration", 100)))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge("Image has too many pixels") from e
     except _DECODE_ERRORS as e:
         raise UnreadableImage("Image cannot be decoded") from e
-    if not frames:
-        raise UnreadableImage("Image has no frames")
+    if len(frames) < 2:
+        return None
     # Frames of one animation share one size; a canvas that grew mid-way is rescaled.
     first = frames[0].size
     frames = [f if f.size == first else f.resize(first, Image.Resampling.LANCZOS) for f in frames]
