@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,25 @@ def error_response(error: MatrixError, *, head: bool = False) -> web.Response:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The relay's own resources running out (descriptors, disk, quota, memory): nothing is
+# wrong with the request, and it may well work in a moment (an eviction frees space, a
+# stream ends and frees its descriptor), so 503 with Retry-After (RFC 9110 §15.6.4),
+# never a 500 that says the relay is broken.
+EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM})
+EXHAUSTED_RETRY_AFTER = 5
+
+
+def exhausted(error: OSError) -> MatrixError | None:
+    """The 503 for a local resource exhaustion, or None for any other OSError."""
+    if error.errno not in EXHAUSTED_ERRNOS:
+        return None
+    return MatrixError(
+        503,
+        Codes.UNKNOWN,
+        "The relay is short of local resources; try again shortly",
+        {"Retry-After": str(EXHAUSTED_RETRY_AFTER)},
+    )
 
 
 def loggable_path(request: web.Request) -> str:
@@ -73,6 +93,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "client connection lost during %s %s: %s", request.method, loggable_path(request), e
         )
         raise
+    except OSError as e:
+        answer = exhausted(e)
+        if answer is None:
+            log.exception("unhandled error in %s %s", request.method, loggable_path(request))
+            answer = MatrixError(500, Codes.UNKNOWN, "Internal server error")
+        else:
+            log.warning(
+                "%s %s: %s (%s); answered 503",
+                request.method,
+                loggable_path(request),
+                errno.errorcode.get(e.errno or 0, e.errno),
+                e.strerror,
+            )
+        return error_response(answer, head=head)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, loggable_path(request))
         return error_response(MatrixError(500, Codes.UNKNOWN, "Internal server error"), head=head)
