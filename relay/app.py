@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -47,15 +46,8 @@ from relay.web.public import MediaServer
 log = logging.getLogger(__name__)
 
 JOIN_ATTEMPTS = 5
-# The audit trail is swept this often (at most; more often when the retention is short).
-AUDIT_SWEEP_INTERVAL = 3600.0
 # A revalidation holds the requests for its item while it runs: never for long.
 PROBE_TIMEOUT = 10.0
-# Revocations committed elsewhere (another process's ingest or revalidation, `media-relay
-# revoke`) are looked for this often, so every process purges its copy and cuts its
-# responses under way within a second; the writers' clocks may differ by the margin.
-REVOCATION_POLL = 0.5
-REVOCATION_CLOCK_MARGIN_MS = 5_000
 READY_TIMEOUT = 5.0
 
 
@@ -130,14 +122,16 @@ class Relay:
         self.outbox = Outbox(self._db)
         self.audit = AuditWriter(AuditTrail(self._db))
         self.audit.start()
-        self._spawn(self._sweep_audit())
+        self._spawn(AuditTrail(self._db).sweep_forever(cfg.signing.audit_retention))
         self.homeserver = HomeserverClient(
             self.session, cfg.homeserver.address, cfg.appservice.as_token
         )
         await self._check_homeserver()
 
         media_server, bridge_api = await self._start_media()
-        self._spawn(self._watch_revocations())
+        assert self.revocations is not None
+        # Revocations committed elsewhere reach this process within a second.
+        self._spawn(self.revocations.watch(Takedowns(self._db)))
 
         internal = web.Application(
             middlewares=[error_middleware], client_max_size=cfg.appservice.max_transaction_size
@@ -435,25 +429,6 @@ class Relay:
             source = await Takedowns(self._db).source(media)
             self.metrics.revocations_by_source.labels(source or REDACTION).inc()
 
-    async def _watch_revocations(self) -> None:
-        """Apply revocations committed elsewhere: refuse, purge, cut responses under way."""
-        assert self._db is not None
-        takedowns = Takedowns(self._db)
-        newest = int(time.time() * 1000)
-        while True:
-            await asyncio.sleep(REVOCATION_POLL)
-            try:
-                found = await takedowns.revoked_since(newest - REVOCATION_CLOCK_MARGIN_MS)
-            except Exception:
-                log.exception("could not look for new revocations; trying again")
-                continue
-            for media, revoked_at in found:
-                newest = max(newest, revoked_at)
-                if self.revocations is None or self.revocations.remembered(media) is True:
-                    continue  # known here already (revoked here, or seen by a request)
-                self.revocations.mark_revoked(media)
-                await self._on_discovered(media)
-
     async def _on_gone(self, media: MediaId) -> None:
         """Revalidation found it gone upstream: refuse it here at once, purge, record it."""
         if self.revocations is not None:
@@ -470,20 +445,6 @@ class Relay:
             self.media_server.forget(media)
         if self.pipeline is not None:
             await self.pipeline.purge(media)
-
-    async def _sweep_audit(self) -> None:
-        """Delete audit rows older than ``signing.audit_retention``, now and periodically."""
-        assert self._db is not None
-        trail = AuditTrail(self._db)
-        retention = self.config.signing.audit_retention
-        while True:
-            try:
-                cutoff = int((time.time() - retention) * 1000)
-                if swept := await trail.sweep(cutoff):
-                    log.info("audit trail: removed %d rows older than %d s", swept, retention)
-            except Exception:
-                log.exception("audit trail sweep failed; trying again later")
-            await asyncio.sleep(min(AUDIT_SWEEP_INTERVAL, retention))
 
     # ------------------------------------------------------------ shutdown
 

@@ -7,11 +7,15 @@ redaction committed by any relay process sharing the database stops every other
 process serving the media within a second, without one database query per request
 for hot media.
 The process that ingested the redaction calls :meth:`RevocationCheck.mark_revoked`
-and stops at once.
+and stops at once. Revocations committed elsewhere (another process, ``media-relay
+revoke``) are also looked for every :data:`WATCH_INTERVAL` by :meth:`RevocationCheck.watch`,
+so every process purges its copy and cuts its responses under way without waiting for a
+request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -26,12 +30,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 0.5
 DEFAULT_MAX_ENTRIES = 100_000
+WATCH_INTERVAL = 0.5
+# Revocation times come from the writers' clocks: look this far back (ms) every time.
+CLOCK_MARGIN_MS = 5_000
 
 
 class RevocationStore(Protocol):
     """The database's answer (``relay.store.Store`` provides it)."""
 
     async def is_revoked(self, media: MediaId) -> bool: ...
+
+
+class RevocationLog(Protocol):
+    """Revocations by time (``relay.store.takedown.Takedowns`` provides it)."""
+
+    async def revoked_since(self, since_ms: int) -> list[tuple[MediaId, int]]: ...
 
 
 class RevocationCheck:
@@ -89,6 +102,29 @@ class RevocationCheck:
         else:
             self._answers.put(media, False)
         return revoked
+
+    async def watch(
+        self,
+        revocations: RevocationLog,
+        *,
+        interval: float = WATCH_INTERVAL,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        """Forever: apply revocations committed elsewhere (``on_discovered`` once each)."""
+        newest = int(wall() * 1000)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                found = await revocations.revoked_since(newest - CLOCK_MARGIN_MS)
+            except Exception:
+                log.exception("could not look for new revocations; trying again")
+                continue
+            for media, revoked_at in found:
+                newest = max(newest, revoked_at)
+                if self._answers.get(media) is True:
+                    continue  # known here already (revoked here, or seen by a request)
+                self._answers.put(media, True, ttl=math.inf)
+                await self._discovered(media)
 
     async def close(self) -> None:
         """Cancel lookups still under way (at shutdown, before the database closes)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ MAX_BATCH = 500
 # so an outage never grows memory without bound.
 MAX_PENDING = 50_000
 CLI = "cli"
+# The retention sweep runs this often (at most; more often when the retention is short).
+SWEEP_INTERVAL = 3600.0
 COLUMNS = ("signed_at", "bridge", "server_name", "media_id", "variant", "expires_at")
 
 
@@ -116,6 +119,16 @@ class AuditTrail:
             "DELETE FROM signing_audit WHERE signed_at < $1 RETURNING signed_at", before_ms
         )
         return len(gone)
+
+    async def sweep_forever(self, retention: int, *, wall: Callable[[], float] = time.time) -> None:
+        """Delete rows older than ``retention`` seconds, now and every :data:`SWEEP_INTERVAL`."""
+        while True:
+            try:
+                if swept := await self.sweep(math.floor((wall() - retention) * 1000)):
+                    log.info("audit trail: removed %d rows older than %d s", swept, retention)
+            except Exception:
+                log.exception("audit trail sweep failed; trying again later")
+            await asyncio.sleep(min(SWEEP_INTERVAL, retention))
 
 
 class AuditWriter:
