@@ -14,12 +14,23 @@ Eviction unlinks files that may still be being sent: on Linux (POSIX) an open fi
 descriptor keeps the data readable until it is closed, so readers that already
 opened a file finish normally; the serving side treats a file that vanished between
 lookup and open as a miss.
+
+``max_bytes`` covers what is being written as well as what is committed: every byte a
+download, a decryption or its ciphertext puts in ``tmp/`` is reserved first
+(:meth:`MediaCache.reserve`), evicting committed entries to make room, so fifty
+concurrent downloads cannot put fifty times ``media.max_size`` on the disk beside a
+full cache. When the bytes in flight alone would pass the cap the write is refused
+with :class:`CacheFull` (an ``ENOSPC`` OSError: the client gets 503 and Retry-After).
+Renditions written by Pillow are counted when committed; at most two are made at once,
+each bounded by the render budget. Unlinked files still open for a reader keep their
+blocks until closed (POSIX), which no accounting in this process can see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -44,6 +55,13 @@ META_SUFFIX = ".json"
 # approximately; exact order is only kept in memory).
 TOUCH_INTERVAL = 60.0
 HASH_CHUNK = 1024 * 1024
+
+
+class CacheFull(OSError):
+    """The bytes being written would pass ``max_bytes`` even with every entry evicted."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +107,24 @@ class CacheWriter:
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
         self.written = 0
+        # Bytes reserved in the cache's budget for this file (see MediaCache.reserve).
+        self.reserved = 0
         # Set by purge(): the media was revoked while downloading; never commit it.
         self.purged = False
 
     async def write(self, data: bytes) -> None:
-        """Append bytes (written and hashed off the event loop)."""
+        """Append bytes (written and hashed off the event loop); raises CacheFull."""
         if self._fd is None:
             raise RuntimeError("cache writer is closed")
+        self._cache.reserve(len(data))
+        self.reserved += len(data)
         await asyncio.to_thread(self._write, self._fd, data)
         self.written += len(data)
+
+    def release(self) -> None:
+        """Give back this file's reservation (it was committed, or is being discarded)."""
+        self._cache.release(self.reserved)
+        self.reserved = 0
 
     def _write(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
@@ -115,6 +142,7 @@ class CacheWriter:
     ) -> CacheEntry | None:
         if self.purged:
             _unlink(self.path)
+            self.release()
             self._cache._writers.discard(self)
             return None
         return await self._cache._commit(self, content_type, filename, sha256)
@@ -131,6 +159,7 @@ class CacheWriter:
         """Discard everything written; safe to call twice or after commit."""
         self._close()
         _unlink(self.path)
+        self.release()
         self._cache._writers.discard(self)
 
     def _close(self) -> None:
@@ -150,6 +179,8 @@ class MediaCache:
         self._by_media: dict[tuple[str, str], set[str]] = {}
         self._writers: set[CacheWriter] = set()
         self.total_bytes = 0
+        # Bytes reserved for files being written in tmp/ (not yet committed).
+        self.pending_bytes = 0
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -159,6 +190,7 @@ class MediaCache:
         self._index.clear()
         self._by_media.clear()
         self.total_bytes = 0
+        self.pending_bytes = 0
         for item in sorted(items, key=lambda i: i.touched_on_disk):
             self._add(item)
         self._evict(protect=None)
@@ -262,6 +294,25 @@ class MediaCache:
         path = self.root / TMP_DIR / f"{secrets.token_hex(16)}{TMP_SUFFIX}"
         return self._checked(path)
 
+    def reserve(self, nbytes: int) -> None:
+        """Count ``nbytes`` more about to be written in ``tmp/`` against ``max_bytes``,
+        evicting least-recently-used entries to make room; raises :class:`CacheFull`
+        when the bytes being written would pass ``max_bytes`` on their own."""
+        if self.pending_bytes + nbytes > self.max_bytes:
+            log.warning(
+                "media cache: %d bytes being written, %d more would pass cache_max_size %d",
+                self.pending_bytes,
+                nbytes,
+                self.max_bytes,
+            )
+            raise CacheFull("media cache is full of downloads in progress")
+        self.pending_bytes += nbytes
+        self._evict(protect=None)
+
+    def release(self, nbytes: int) -> None:
+        """Give back a reservation (the file was committed, or removed)."""
+        self.pending_bytes = max(0, self.pending_bytes - nbytes)
+
     def begin(self, key: CacheKey) -> CacheWriter:
         """Start writing ``key``; call ``commit`` or ``abort`` on the writer."""
         path = self.new_temp_path()
@@ -301,6 +352,8 @@ class MediaCache:
             _unlink(writer.path)
             raise
         finally:
+            # Committed or gone, the file is no longer in flight; as an entry it counts below.
+            writer.release()
             self._writers.discard(writer)
         if writer.purged:
             # Purged while the file was being moved into place.
@@ -347,7 +400,7 @@ class MediaCache:
             self._drop(protect, unlink=True)
             self._metrics.cache_evictions.inc()
         for digest in list(self._index):
-            if self.total_bytes <= self.max_bytes:
+            if self.total_bytes + self.pending_bytes <= self.max_bytes:
                 return
             if digest == protect:
                 continue

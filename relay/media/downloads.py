@@ -348,9 +348,12 @@ class MediaSource:
         decryptor = AttachmentDecryptor(encryption)
         ciphertext = self.cache.new_temp_path()
         fd = os.open(ciphertext, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        reserved = 0  # the ciphertext sits in tmp/ too: it counts against the cap
         try:
             async with self.fetcher.open(media) as upstream:
                 async for chunk in upstream.iter_chunks():
+                    self.cache.reserve(len(chunk))
+                    reserved += len(chunk)
                     await asyncio.to_thread(_write_and_hash, fd, chunk, decryptor)
             # Spec: the hash covers the ciphertext; check all of it before any plaintext.
             decryptor.verify()
@@ -365,6 +368,7 @@ class MediaSource:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
                 ciphertext.unlink()
+            self.cache.release(reserved)
 
 
 def read_head(path: Path) -> bytes:

@@ -7,7 +7,9 @@ v1.11, redirects to another origin, a connection dropped mid-body, 429s, slow bo
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,7 @@ from tests.harness.stub_homeserver import (
     error_response,
     serve_bytes,
 )
+from tests.harness.waiting import eventually
 
 MAX_SIZE = 1 << 20
 
@@ -954,3 +957,64 @@ async def test_capabilities_background_task(
     count = len(stub.seen)
     await asyncio.sleep(0.05)
     assert len(stub.seen) == count
+
+
+# -- disk accounting ---------------------------------------------------------------------
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.suffix != ".json")
+
+
+async def test_downloads_in_flight_count_against_cache_max_size(
+    make_parts: MakeParts, stub: StubServer, tmp_path: Path
+) -> None:
+    """Five 300 kB downloads into a 1 MB cache: the disk never passes the cap; the ones
+    that would pass it fail with ENOSPC (503 for clients), the rest complete."""
+    gate = asyncio.Event()
+    size = 300_000
+
+    async def gated(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "video/mp4"})
+        resp.content_length = size
+        await resp.prepare(request)
+        await resp.write(b"v" * (size - 10))
+        await gate.wait()
+        await resp.write(b"v" * 10)
+        return resp
+
+    for i in range(5):
+        stub.media[f"m{i}"] = gated
+    parts = await make_parts(max_size=1_000_000, cache_max=1_000_000)
+    tasks = [
+        asyncio.create_task(parts.source.open_file(MediaId(SERVER, f"m{i}"))) for i in range(5)
+    ]
+    async def three_in_flight() -> bool:
+        return parts.cache.pending_bytes >= 3 * (size - 10)
+
+    await eventually(three_in_flight, within=10, interval=0.01)
+    await asyncio.sleep(0.1)  # let the other two reach their refusal
+    assert _disk_bytes(tmp_path / "cache") <= 1_000_000
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    done = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, OSError)]
+    assert (len(done), len(refused)) == (3, 2)
+    assert all(r.errno == errno.ENOSPC for r in refused)
+    assert _disk_bytes(tmp_path / "cache") == parts.cache.total_bytes == 3 * size
+    assert parts.cache.pending_bytes == 0
+
+
+async def test_ciphertext_counts_against_cache_max_size(
+    make_parts: MakeParts, stub: StubServer, tmp_path: Path
+) -> None:
+    """Ciphertext and plaintext of one attachment both count: 2 x 600 kB > 1 MB is refused."""
+    plaintext = os.urandom(600_000)
+    ciphertext, enc = encrypt_attachment(plaintext)
+    stub.media["enc"] = serve_bytes(ciphertext, "application/octet-stream")
+    parts = await make_parts(max_size=1_000_000, cache_max=1_000_000)
+    with pytest.raises(OSError) as info:
+        await parts.source.open(MediaId(SERVER, "enc"), enc)
+    assert info.value.errno == errno.ENOSPC
+    assert _cache_files(tmp_path) == []
+    assert parts.cache.pending_bytes == 0

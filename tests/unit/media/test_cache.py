@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from relay.media.cache import CacheKey, MediaCache
+from relay.media.cache import CacheFull, CacheKey, MediaCache
 from relay.support.metrics import Metrics
 from tests.harness.cache import put_bytes
 
@@ -136,15 +137,17 @@ async def test_lru_eviction_under_cap(tmp_path: Path) -> None:
 
 
 async def test_entry_larger_than_cache_is_not_kept(tmp_path: Path) -> None:
-    """An entry bigger than the whole cache is dropped instead of evicting everything."""
+    """An entry bigger than the whole cache is refused while written, evicting nothing."""
     cache, metrics = await _cache(tmp_path, max_bytes=10)
     small = CacheKey("example.org", "small", "original")
     await put_bytes(cache, small, b"tiny", "text/plain")
-    await put_bytes(cache, KEY, b"x" * 11, "text/plain")
+    with pytest.raises(CacheFull):
+        await put_bytes(cache, KEY, b"x" * 11, "text/plain")
     assert KEY not in cache
     assert small in cache
-    assert metrics.value("relay_cache_evictions") == 1
-    assert cache.total_bytes == 4
+    assert metrics.value("relay_cache_evictions") == 0
+    assert (cache.total_bytes, cache.pending_bytes) == (4, 0)
+    assert list((cache.root / "tmp").iterdir()) == []
 
 
 async def test_restart_applies_a_smaller_cap(tmp_path: Path) -> None:
@@ -233,3 +236,34 @@ async def test_hostile_keys_stay_under_root(tmp_path: Path, key: CacheKey) -> No
     assert entry.path.resolve().is_relative_to(root.resolve())
     assert entry.path.name == key.digest()
     assert all(p.resolve().is_relative_to(root.resolve()) for p in _files(tmp_path))
+
+
+def _disk_bytes(cache: MediaCache) -> int:
+    """What the cache's files take, bodies and temporary files (sidecars aside)."""
+    return sum(
+        p.stat().st_size
+        for p in cache.root.rglob("*")
+        if p.is_file() and not p.name.endswith(".json")
+    )
+
+
+async def test_files_being_written_count_against_the_cap(tmp_path: Path) -> None:
+    """Bytes in tmp/ evict committed entries, and cannot pass the cap by themselves."""
+    cache, _ = await _cache(tmp_path, max_bytes=1000)
+    old = CacheKey("example.org", "old", "original")
+    await put_bytes(cache, old, b"o" * 600, "text/plain")
+    writers = [cache.begin(CacheKey("example.org", f"new{i}", "original")) for i in range(3)]
+    await writers[0].write(b"a" * 500)  # 600 + 500 > 1000: the old entry goes
+    assert old not in cache
+    assert (cache.total_bytes, cache.pending_bytes) == (0, 500)
+    await writers[1].write(b"b" * 400)
+    with pytest.raises(CacheFull) as info:
+        await writers[2].write(b"c" * 200)  # 900 in flight + 200 > 1000
+    assert info.value.errno == errno.ENOSPC
+    assert _disk_bytes(cache) <= cache.max_bytes
+    writers[2].abort()
+    await writers[0].commit("text/plain", None)
+    assert (cache.total_bytes, cache.pending_bytes) == (500, 400)
+    writers[1].abort()
+    assert (cache.total_bytes, cache.pending_bytes) == (500, 0)
+    assert _disk_bytes(cache) == 500
