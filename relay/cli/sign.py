@@ -100,7 +100,7 @@ async def _check_signable(config: Config, media: MediaId) -> None:
     try:
         store = Store(db)
         if await store.is_revoked(media):
-            raise SignRefused(EXIT_ERROR, f"{media} was redacted; its links answer 410")
+            raise SignRefused(EXIT_ERROR, f"{media} was revoked; its links answer 410")
         if await store.media_record(media) is None:
             raise SignRefused(
                 EXIT_ERROR,

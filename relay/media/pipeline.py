@@ -135,7 +135,8 @@ class MediaPipeline:
         if revoked is None:
             revoked = await database(self.revocations.is_revoked(media))
         if revoked:
-            raise MatrixError(410, Codes.NOT_FOUND, "The media was redacted")
+            # Redacted, taken down by the operator, or removed by the homeserver.
+            raise MatrixError(410, Codes.NOT_FOUND, "The media was revoked")
         if self.revalidator is not None:
             cached_at = self.source.cache.oldest(media.server_name, media.media_id)
             await self.revalidator.ensure_served(media, cached_at)

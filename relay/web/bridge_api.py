@@ -110,7 +110,7 @@ class BridgeAPI:
         filename = _filename(body.get("filename"))
         variant = self._thumbnail(body.get("thumbnail"))
         if await self._revocations.is_revoked(media):
-            raise MatrixError(410, Codes.NOT_FOUND, "The media was redacted")
+            raise MatrixError(410, Codes.NOT_FOUND, "The media was revoked")
         if self.require_seen and await self._records.media_record(media) is None:
             raise MatrixError(
                 404, Codes.NOT_FOUND, "The relay has not seen this media in a room it serves"
