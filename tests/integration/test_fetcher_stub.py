@@ -1018,3 +1018,36 @@ async def test_ciphertext_counts_against_cache_max_size(
     assert info.value.errno == errno.ENOSPC
     assert _cache_files(tmp_path) == []
     assert parts.cache.pending_bytes == 0
+
+
+async def test_token_errcode_wakes_the_identity_check(
+    make_parts: MakeParts, stub: StubServer, session: aiohttp.ClientSession
+) -> None:
+    """A media 401 M_UNKNOWN_TOKEN re-runs the identity check at once; it decides readiness."""
+    parts = await make_parts()
+    caps = parts.capabilities
+    caps.start(session)
+    try:
+
+        async def checked() -> bool:
+            return caps.checked_at is not None
+
+        await eventually(checked, within=10, interval=0.01)
+        config_checks = len([s for s in stub.seen if s.raw_path.endswith("/media/config")])
+        parts.clock.now += 11  # past MIN_RECHECK_INTERVAL
+
+        async def refused(request: web.Request) -> web.StreamResponse:
+            return error_response(401, "M_UNKNOWN_TOKEN")
+
+        stub.media["abc"] = refused
+        stub.config_status = 401  # the token really is broken now
+        with pytest.raises(UpstreamUnauthorized):
+            await parts.source.open(MediaId(SERVER, "abc"))
+
+        async def broken() -> bool:
+            return not caps.identity_ok
+
+        await eventually(broken, within=10, interval=0.01)
+        assert len([s for s in stub.seen if s.raw_path.endswith("/media/config")]) > config_checks
+    finally:
+        await caps.stop()
