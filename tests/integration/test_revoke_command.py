@@ -208,3 +208,52 @@ async def test_revoke_cuts_downloads_under_way_in_other_processes(
 
     await eventually(purged, within=1.0, interval=0.05)
     assert second.media_server is not None and len(second.media_server.in_flight) == 0
+
+
+async def test_revoke_reaches_a_relay_running_as_its_own_process(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The same through a relay started as an operator would (``python -m relay run``)."""
+    first = await start_relay(make_config(database=postgres_url))
+    workdir = tmp_path / "process"
+    workdir.mkdir()
+    ports = RelayPorts(*free_ports(2))
+    config = write_config(
+        workdir / "config.yaml",
+        relay_config_dict(synapse, relay_registration, ports, workdir, postgres_url),
+    )
+    data = make_png(24, 24, (secrets.randbelow(256), 11, secrets.randbelow(256)))
+    _, mxc, _ = await post_media(first, alice, data, "image/png", "cat.png")
+    url = (await sign(http_session, first, mxc))["url"].replace(
+        f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{ports.public}"
+    )
+    with (workdir / "relay.log").open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "run", "-c", str(config), stderr=log
+        )
+        try:
+
+            async def serving() -> bool:
+                with contextlib.suppress(aiohttp.ClientError):
+                    status, _, body = await fetch(http_session, url)
+                    return (status, body) == (200, data)
+                return False
+
+            await eventually(serving, within=30, interval=0.2)
+            code, out, err = await run_cli(tmp_path / "config.yaml", "revoke", mxc)
+            assert (code, out) == (EXIT_OK, f"revoked {mxc}\n"), err
+
+            async def refused() -> bool:
+                return (await fetch(http_session, url))[0] == 410
+
+            await eventually(refused, within=1.0, interval=0.05)
+        finally:
+            process.terminate()
+            assert await asyncio.wait_for(process.wait(), 30) == EXIT_OK
