@@ -199,6 +199,7 @@ class Relay:
             timeouts=Timeouts(media.connect_timeout, media.read_timeout, media.download_timeout),
             not_found_ttl=media.not_found_ttl,
             redirect_policy=RedirectPolicy.from_entries(cfg.homeserver.redirect_hosts),
+            local_server_name=cfg.homeserver.domain,
         )
         cache = MediaCache(media.cache_dir, media.cache_max_size, self.metrics)
         try:

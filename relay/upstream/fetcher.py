@@ -31,7 +31,13 @@ import aiohttp
 from yarl import URL
 
 from relay.core.errors import Codes
-from relay.core.mxc import InvalidMxc, MediaId, is_valid_media_id, is_valid_server_name
+from relay.core.mxc import (
+    InvalidMxc,
+    MediaId,
+    canonical_server_name,
+    is_valid_media_id,
+    is_valid_server_name,
+)
 from relay.http.headers import filename_from_content_disposition, media_type
 from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
@@ -168,6 +174,7 @@ class MediaFetcher:
         failure_ttl: float = 10.0,
         max_redirects: int = 3,
         redirect_policy: RedirectPolicy | None = None,
+        local_server_name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._session = session
@@ -187,6 +194,14 @@ class MediaFetcher:
         self.max_redirects = max_redirects
         # Default: no host listed, so only same-origin redirects within the media API.
         self.redirect_policy = redirect_policy or RedirectPolicy()
+        # Media ids carry canonical (lowercase) server names; the homeserver's own media
+        # is asked for under the name as configured, which the homeserver compares
+        # exactly ("Example.org" is its own name, "example.org" would be remote to it).
+        self._local_names: dict[str, str] = {}
+        if local_server_name is not None:
+            canonical = canonical_server_name(local_server_name)
+            if canonical is not None:
+                self._local_names[canonical] = local_server_name
         self._clock = clock
         # Recent failures per media item, so a dead link costs no upstream request per hit.
         self._failures: TTLCache[MediaId, _Failure] = TTLCache(
@@ -204,7 +219,8 @@ class MediaFetcher:
         if not is_valid_server_name(media.server_name) or not is_valid_media_id(media.media_id):
             raise InvalidMxc("refusing to build an upstream URL from an invalid media id")
         prefix = AUTHENTICATED_PREFIX if authenticated else LEGACY_PREFIX
-        server = quote(media.server_name, safe="")
+        spelling = self._local_names.get(media.server_name, media.server_name)
+        server = quote(spelling, safe="")
         media_id = quote(media.media_id, safe="")
         return f"{prefix}/download/{server}/{media_id}"
 

@@ -182,6 +182,28 @@ async def test_upstream_path(
     assert fetcher.upstream_path(media, authenticated) == expected
 
 
+async def test_local_media_asked_for_under_the_configured_spelling(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Canonical mxc names are lowercase; the homeserver's own media keeps its spelling."""
+    caps = Capabilities("http://hs.invalid", AS_TOKEN)
+    fetcher = MediaFetcher(
+        session,
+        "http://hs.invalid",
+        AS_TOKEN,
+        caps,
+        Metrics(),
+        max_size=1,
+        local_server_name="Example.ORG",
+    )
+    assert fetcher.upstream_path(MediaId("example.org", "abc"), True) == (
+        "/_matrix/client/v1/media/download/Example.ORG/abc"
+    )
+    assert fetcher.upstream_path(MediaId("other.org", "abc"), True) == (
+        "/_matrix/client/v1/media/download/other.org/abc"
+    )
+
+
 @pytest.mark.parametrize(
     "media",
     [
@@ -989,6 +1011,7 @@ async def test_downloads_in_flight_count_against_cache_max_size(
     tasks = [
         asyncio.create_task(parts.source.open_file(MediaId(SERVER, f"m{i}"))) for i in range(5)
     ]
+
     async def three_in_flight() -> bool:
         return parts.cache.pending_bytes >= 3 * (size - 10)
 
