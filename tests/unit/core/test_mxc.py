@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.core.mxc import (
     InvalidMxc,
@@ -77,3 +79,17 @@ def test_links_carry_only_canonical_names() -> None:
         sign(ring, LinkClaims(MediaId("Example.org", "abc"), None, None, 2_000_000_000))
     token = sign(ring, LinkClaims(MediaId("example.org", "abc"), None, None, 2_000_000_000))
     assert verify(ring, token, None, 1_000_000_000).verdict is Verdict.VALID
+
+
+@given(
+    st.text(alphabet="abcXYZ019-.:[]", min_size=1, max_size=30)
+    | st.ip_addresses().map(lambda ip: f"[{ip}]" if ip.version == 6 else str(ip))
+)
+def test_canonical_is_idempotent_and_case_blind(name: str) -> None:
+    """Canonical names are fixed points, and a name's case never changes its canonical form."""
+    canonical = canonical_server_name(name)
+    if canonical is None:
+        return
+    assert canonical_server_name(canonical) == canonical
+    assert canonical_server_name(name.upper()) == canonical
+    assert canonical_server_name(name.lower()) == canonical
