@@ -21,9 +21,10 @@ download, a decryption or its ciphertext puts in ``tmp/`` is reserved first
 concurrent downloads cannot put fifty times ``media.max_size`` on the disk beside a
 full cache. When the bytes in flight alone would pass the cap the write is refused
 with :class:`CacheFull` (an ``ENOSPC`` OSError: the client gets 503 and Retry-After).
-Renditions written by Pillow are counted when committed; at most two are made at once,
-each bounded by the render budget. Unlinked files still open for a reader keep their
-blocks until closed (POSIX), which no accounting in this process can see.
+A stripped original reserves its source's size before it is written; thumbnails are
+counted when committed (at most two are made at once, each bounded by the render
+budget). Unlinked files still open for a reader keep their blocks until closed
+(POSIX), which no accounting in this process can see.
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ class CacheWriter:
         self.reserved += len(data)
         await asyncio.to_thread(self._write, self._fd, data)
         self.written += len(data)
+
+    def reserve(self, nbytes: int, *, keep: CacheKey | None = None) -> None:
+        """Reserve room for what another writer (Pillow, by path) will put at :attr:`path`,
+        never evicting ``keep`` (the source being read); raises CacheFull."""
+        self._cache.reserve(nbytes, keep=keep)
+        self.reserved += nbytes
 
     def release(self) -> None:
         """Give back this file's reservation (it was committed, or is being discarded)."""
@@ -294,10 +301,12 @@ class MediaCache:
         path = self.root / TMP_DIR / f"{secrets.token_hex(16)}{TMP_SUFFIX}"
         return self._checked(path)
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, *, keep: CacheKey | None = None) -> None:
         """Count ``nbytes`` more about to be written in ``tmp/`` against ``max_bytes``,
-        evicting least-recently-used entries to make room; raises :class:`CacheFull`
-        when the bytes being written would pass ``max_bytes`` on their own."""
+        evicting least-recently-used entries (but not ``keep``, a source about to be
+        read: the cap may then be passed by that one entry until the copy is committed);
+        raises :class:`CacheFull` when the bytes being written would pass ``max_bytes``
+        on their own."""
         if self.pending_bytes + nbytes > self.max_bytes:
             log.warning(
                 "media cache: %d bytes being written, %d more would pass cache_max_size %d",
@@ -307,7 +316,7 @@ class MediaCache:
             )
             raise CacheFull("media cache is full of downloads in progress")
         self.pending_bytes += nbytes
-        self._evict(protect=None)
+        self._evict(protect=None, keep=None if keep is None else keep.digest())
 
     def release(self, nbytes: int) -> None:
         """Give back a reservation (the file was committed, or removed)."""
@@ -388,8 +397,8 @@ class MediaCache:
         await asyncio.to_thread(_unlink_entries, paths)
         return len(digests)
 
-    def _evict(self, protect: str | None) -> None:
-        """Drop least-recently-used entries until under ``max_bytes``."""
+    def _evict(self, protect: str | None, *, keep: str | None = None) -> None:
+        """Drop least-recently-used entries until under ``max_bytes``, but not ``keep``."""
         if protect is not None and self._index[protect].entry.length > self.max_bytes:
             # One entry larger than the whole cache: drop it rather than everything else.
             log.warning(
@@ -402,7 +411,7 @@ class MediaCache:
         for digest in list(self._index):
             if self.total_bytes + self.pending_bytes <= self.max_bytes:
                 return
-            if digest == protect:
+            if digest in (protect, keep):
                 continue
             self._drop(digest, unlink=True)
             self._metrics.cache_evictions.inc()

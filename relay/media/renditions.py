@@ -204,6 +204,13 @@ class Renditions:
 
         async def make() -> CacheEntry:
             writer = self._begin(key)
+            try:
+                # The stripped copy is never larger than the original: room for it first
+                # (media.cache_max_size counts files being written; relay.media.cache).
+                writer.reserve(source.length, keep=source_key)
+            except OSError as e:
+                writer.abort()
+                raise RenditionFailed(str(e)) from e
             used, outcome = await self._work_on_source(
                 writer, media, encryption, source, strip_metadata
             )

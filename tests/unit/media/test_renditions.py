@@ -339,3 +339,31 @@ async def test_stripping_off_or_unhandled_type_serves_the_body_as_is(
     """strip_metadata: false, and types strip_metadata cannot clean, pass the body through."""
     renditions = world.renditions(strip_metadata=strip)
     assert renditions.strips(content_type, head) is False
+
+
+async def test_stripped_copy_reserves_room_in_the_cache(world: World) -> None:
+    """Stripping reserves the original's size (never evicting the original it reads);
+    with the cache full of downloads in progress it is a 503, not a write past the cap."""
+    data = gps_jpeg()
+    small = MediaCache(world.cache.root.parent / "small", len(data) + 100, world.metrics)
+    await small.start()
+    small_world = World(small, world.metrics, world.fetcher)
+    source = await small_world.put_original(data, "image/jpeg")
+    body = await small_world.renditions().stripped(MEDIA, None, source, "image/jpeg")
+    assert body.length < len(data)
+    assert small.pending_bytes == 0
+    # The copy is in; the original, least recently used, made room for it.
+    assert small.total_bytes == body.length
+    assert world.fetcher.calls == []
+
+    busy = MediaCache(world.cache.root.parent / "busy", 3 * len(data), world.metrics)
+    await busy.start()
+    busy_world = World(busy, world.metrics, world.fetcher)
+    original = await busy_world.put_original(data, "image/jpeg")
+    download = busy.begin(CacheKey("example.org", "other", "original"))
+    await download.write(b"d" * (2 * len(data) + 10))  # in flight: no room left for a copy
+    with pytest.raises(RenditionFailed):
+        await busy_world.renditions().stripped(MEDIA, None, original, "image/jpeg")
+    assert to_matrix_error(RenditionFailed("full")).status == 503
+    download.abort()
+    assert busy.pending_bytes == 0
