@@ -90,6 +90,10 @@ class Relay:
         self.store: Store | None = None
         self.audit: AuditWriter | None = None
         self.outbox: Outbox | None = None
+        # Outbox follow-ups under way here (a retry skips them), and whether one failed
+        # for a reason that may pass (the homeserver unreachable, a purge error).
+        self._followups_running: set[FollowUp] = set()
+        self._followups_failed = False
         self.homeserver: HomeserverClient | None = None
         self.capabilities: Capabilities | None = None
         self.media_source: MediaSource | None = None
@@ -143,7 +147,9 @@ class Relay:
                 cfg.bot_user_id, cfg.appservice.allowed_inviters, cfg.appservice.room_namespace
             ),
             self.metrics,
-            IngestHooks(self.join_rooms, self.decline_invites, self._on_revoked),
+            IngestHooks(
+                self.join_rooms, self.decline_invites, self._on_revoked, self.retry_followups
+            ),
         )
         internal.add_routes(appservice.routes())
         internal.add_routes(bridge_api.routes())
@@ -355,7 +361,11 @@ class Relay:
 
     def decline_invites(self, room_ids: Sequence[str]) -> None:
         for room_id in room_ids:
-            self._spawn(self._leave(room_id))
+            followup = FollowUp(Kind.DECLINE, room_id)
+            if followup not in self._followups_running:
+                # Marked before the task runs, so a retry spawned meanwhile skips it.
+                self._followups_running.add(followup)
+                self._spawn(self._leave(room_id))
 
     async def _join(self, room_id: str) -> None:
         assert self.homeserver is not None and self.store is not None
@@ -379,21 +389,31 @@ class Relay:
 
     async def _leave(self, room_id: str) -> None:
         assert self.homeserver is not None and self.outbox is not None
+        followup = FollowUp(Kind.DECLINE, room_id)
         try:
             await self.homeserver.leave_room(room_id)
         except HomeserverUnreachable as e:
-            # The outbox row stays: the next start tries again.
+            # The outbox row stays: the next commit (or start) tries again.
             log.warning("could not decline the invite to %s: %s", room_id, e)
+            self._followups_failed = True
             return
         except HomeserverError as e:
             # The homeserver's word (no such invite any more): retrying cannot help.
             log.warning("could not decline the invite to %s: %s", room_id, e)
-        await self.outbox.done(FollowUp(Kind.DECLINE, room_id))
+        finally:
+            self._followups_running.discard(followup)
+        await self.outbox.done(followup)
+
+    def retry_followups(self) -> None:
+        """After a commit: if a follow-up failed earlier, do what the outbox still holds."""
+        if self._followups_failed:
+            self._followups_failed = False
+            self._spawn(self._resume_followups())
 
     async def _resume_followups(self) -> None:
         """Do what the last run committed but did not live to do (relay.store.outbox)."""
         assert self.outbox is not None
-        pending = await self.outbox.pending()
+        pending = [f for f in await self.outbox.pending() if f not in self._followups_running]
         if not pending:
             return
         log.info("resuming %d follow-up(s) of transactions committed before", len(pending))
@@ -407,21 +427,34 @@ class Relay:
                     log.warning("dropping an outbox row with an invalid mxc: %r", f.subject)
                     await self.outbox.done(f)
         if media:
-            self._spawn(self._on_revoked(media))
+            self._spawn(self._purge_followups(media))
 
     async def _on_revoked(self, media: Sequence[MediaId]) -> None:
-        """After a redaction commits: refuse the media at once here, and purge its cache.
-
-        Each item's outbox row is deleted once its files are gone (a failure leaves it
-        for the next start).
-        """
-        assert self.outbox is not None
+        """After a redaction commits: refuse the media at once here, and purge its cache."""
         for item in media:
             if self.revocations is not None:
                 self.revocations.mark_revoked(item)
             self.metrics.revocations_by_source.labels(REDACTION).inc()
-            await self._purge(item)
-            await self.outbox.done(FollowUp(Kind.PURGE, str(item)))
+        await self._purge_followups(media)
+
+    async def _purge_followups(self, media: Sequence[MediaId]) -> None:
+        """Purge each item's files, then delete its outbox row (kept if the purge failed)."""
+        assert self.outbox is not None
+        for item in media:
+            followup = FollowUp(Kind.PURGE, str(item))
+            if followup in self._followups_running:
+                continue
+            self._followups_running.add(followup)
+            try:
+                await self._purge(item)
+                await self.outbox.done(followup)
+            except Exception:
+                # Links are dead regardless (revocation is in the database); only the
+                # files are left, until a later commit or start retries.
+                log.exception("could not purge revoked %s; will retry", item)
+                self._followups_failed = True
+            finally:
+                self._followups_running.discard(followup)
 
     async def _on_discovered(self, media: MediaId) -> None:
         """Another process (or ``media-relay revoke``) revoked it: purge here, count by source."""

@@ -32,11 +32,16 @@ LEGACY_THIRDPARTY = "/_matrix/app/unstable/thirdparty"
 
 @dataclass(frozen=True, slots=True)
 class IngestHooks:
-    """What happens after a commit: join invited rooms, decline others, act on revocations."""
+    """What happens after a commit: join invited rooms, decline others, act on revocations.
+
+    ``retry_followups`` runs after every commit: follow-ups of earlier transactions that
+    failed for a reason that may have passed (relay.store.outbox) are tried again.
+    """
 
     join_rooms: Callable[[Sequence[str]], None]
     decline_invites: Callable[[Sequence[str]], None]
     revoked: Callable[[Sequence[MediaId]], Awaitable[None]]
+    retry_followups: Callable[[], None]
 
 
 class AppserviceAPI:
@@ -142,6 +147,7 @@ class AppserviceAPI:
             m.media_references.labels(str(ref.ref.role)).inc()
 
     async def _after_commit(self, plan: TransactionPlan, result: CommitResult) -> None:
+        self.hooks.retry_followups()
         if result.rooms_to_join:
             self.hooks.join_rooms(result.rooms_to_join)
         if plan.invites_to_decline:

@@ -2,26 +2,32 @@
 
 The outbox rows are written in the transaction's own commit (SQLite and PostgreSQL),
 a v4 database gains the table on upgrade, and a follow-up left behind by a crash (the
-relay stopped after the commit, before the purge or decline) is done at the next start.
+relay stopped after the commit, before the purge or decline) is done at the next start;
+one that failed (the homeserver unreachable) is retried after a later commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
+from relay.app import Relay
 from relay.core.ingest_plan import RoomPolicy, plan_transaction
 from relay.core.mxc import MediaId, parse_mxc
+from relay.devtools.local_synapse import LocalSynapse
 from relay.store import Store, open_database
 from relay.store.outbox import FollowUp, Kind, Outbox
 from tests.harness.links import errcode, fetch, post_media, sign
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import MakeConfig, StartRelay
+from tests.harness.tcp_proxy import TcpProxy
 from tests.harness.waiting import eventually
 
 BOT = "@mediarelay:example.org"
@@ -219,3 +225,54 @@ async def test_followups_done_after_commit_leave_no_row(
         )
 
     await eventually(purged, within=20)
+
+
+async def put_transaction(
+    session: aiohttp.ClientSession, relay: Relay, events: list[dict[str, Any]]
+) -> None:
+    async with session.put(
+        f"{relay.internal_url}/_matrix/app/v1/transactions/{secrets.token_hex(8)}",
+        json={"events": events},
+        headers={"Authorization": f"Bearer {relay.config.appservice.hs_token}"},
+    ) as response:
+        assert response.status == 200, await response.text()
+
+
+@pytest.mark.synapse
+async def test_a_followup_that_failed_is_retried_after_a_later_commit(
+    synapse: LocalSynapse,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    http_session: aiohttp.ClientSession,
+) -> None:
+    """A decline that met an unreachable homeserver stays in the outbox; a later commit retries."""
+    target = urlsplit(synapse.base_url)
+    assert target.hostname is not None and target.port is not None
+    proxy = TcpProxy(target.hostname, target.port)
+    await proxy.up()
+    try:
+        relay = await start_relay(make_config(homeserver={"address": proxy.url}))
+        assert relay.store is not None
+        outbox = Outbox(relay.store.db)
+        bot = relay.config.bot_user_id
+        declined = FollowUp(Kind.DECLINE, "!retry:elsewhere.example")
+
+        await proxy.down()
+        await put_transaction(
+            http_session, relay, [invite(declined.subject, "@x:elsewhere.example", bot)]
+        )
+        await asyncio.sleep(1)  # the decline runs, and meets a refused connection
+        assert await outbox.pending() == [declined]
+
+        await proxy.up()
+
+        async def retried() -> bool:
+            # Any commit retries it (an empty transaction is one); the homeserver then
+            # answers (the bot was never invited there: refused), which settles it.
+            await put_transaction(http_session, relay, [])
+            await asyncio.sleep(0.3)
+            return not await outbox.pending()
+
+        await eventually(retried, within=15, interval=0.5)
+    finally:
+        await proxy.down()
