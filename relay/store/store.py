@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mautrix.util.async_db import Connection, Database
 
-from relay.core.events import EncryptionInfo
+from relay.core.attachment_keys import EncryptionInfo
 from relay.core.ingest_plan import TransactionPlan
 from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
