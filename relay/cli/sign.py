@@ -44,10 +44,13 @@ def cmd_sign(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         if thumbnail is not None:
             _check_thumbnail_size(thumbnail, config)
-        if not args.force:
-            asyncio.run(_check_signable(config, media))
+        reference = None if args.force else asyncio.run(_check_signable(config, media))
         link = LinkMinter(key_ring(config), config.public.url).mint(
-            media, ttl or config.signing.ttl, filename=args.filename, variant=thumbnail
+            media,
+            ttl or config.signing.ttl,
+            filename=args.filename,
+            variant=thumbnail,
+            reference=reference,
         )
         asyncio.run(
             _audit(config, AuditRow.now(CLI, media, thumbnail, link.expires_at, time.time()))
@@ -92,7 +95,8 @@ def _check_thumbnail_size(thumbnail: Thumbnail, config: Config) -> None:
         )
 
 
-async def _check_signable(config: Config, media: MediaId) -> None:
+async def _check_signable(config: Config, media: MediaId) -> str:
+    """The tag of the newest reference the link is bound to; refuses unseen or revoked."""
     try:
         db = await open_database(config.database)
     except DatabaseUnusable as e:
@@ -101,12 +105,14 @@ async def _check_signable(config: Config, media: MediaId) -> None:
         store = Store(db)
         if await store.is_revoked(media):
             raise SignRefused(EXIT_ERROR, f"{media} was revoked; its links answer 410")
-        if await store.media_record(media) is None:
+        record = await store.media_record(media)
+        if record is None:
             raise SignRefused(
                 EXIT_ERROR,
                 f"the relay has not seen {media} in a room it serves; "
                 "pass --force to sign it anyway",
             )
+        return record.tag
     finally:
         await db.stop()
 

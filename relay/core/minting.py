@@ -36,9 +36,18 @@ class LinkMinter:
         self._clock = clock
 
     def mint(
-        self, media: MediaId, ttl: int, *, filename: str | None = None, variant: Variant = None
+        self,
+        media: MediaId,
+        ttl: int,
+        *,
+        filename: str | None = None,
+        variant: Variant = None,
+        reference: str | None = None,
     ) -> SignedLink:
         """A link valid for at least ``ttl`` seconds (expiry rounded up to a whole second).
+
+        ``reference`` (a :func:`relay.core.records.reference_tag`) binds the link to the
+        reference it was minted for, so later mentions of the mxc cannot change it.
 
         Raises ValueError for claims the signing module refuses (see ``signing.sign``).
         """
@@ -46,5 +55,5 @@ class LinkMinter:
             raise ValueError("ttl must be at least one second")
         # Rounded up: a one-second link must not be dead on arrival.
         expires_at = math.ceil(self._clock() + ttl)
-        token = sign(self._ring, LinkClaims(media, variant, filename, expires_at))
+        token = sign(self._ring, LinkClaims(media, variant, filename, expires_at, reference))
         return SignedLink(build_url(self._public_url, token, filename), expires_at)

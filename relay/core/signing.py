@@ -1,11 +1,16 @@
 """Signed-URL tokens: mint and verify links that name one media variant until a deadline.
 
-A token is seven ``.``-separated fields, all in ``[A-Za-z0-9_-]``, so the whole token
-stays within ``[A-Za-z0-9_.-]`` and needs no escaping in a URL::
+A token is seven or eight ``.``-separated fields, all in ``[A-Za-z0-9_-]``, so the whole
+token stays within ``[A-Za-z0-9_.-]`` and needs no escaping in a URL::
 
     1.<key id>.<expires_at>.<variant>.<server name>.<media id>.<mac>
+    2.<key id>.<expires_at>.<variant>.<server name>.<media id>.<reference>.<mac>
 
-- ``1`` is the format version.
+- ``1`` or ``2`` is the format version. Version 2 binds the link to the media
+  reference it was minted for (:func:`relay.core.records.reference_tag` of its event),
+  so what it serves (decryption key, type, filename) is that reference's, whatever is
+  posted later (issue: "the newest mention decides"); version 1 links, minted before,
+  still verify and serve the newest reference.
 - ``expires_at`` is unix seconds in decimal, without sign or leading zeros.
 - ``variant`` is ``o`` (the original) or ``<c|s><width>x<height>[a]`` for a crop/scale
   thumbnail, ``a`` marking an animated one.
@@ -37,6 +42,8 @@ from relay.core.mxc import MediaId, is_canonical_server_name, is_valid_media_id
 from relay.core.variant import THUMBNAIL_METHODS, Thumbnail, ThumbnailMethod, Variant
 
 VERSION = "1"
+# Links bound to one media reference.
+REFERENCE_VERSION = "2"
 MIN_SECRET_BYTES = 32
 # 18 bytes is 144 bits (above the 128-bit floor) and exactly 24 base64 characters, no padding.
 MAC_BYTES = 18
@@ -53,6 +60,7 @@ _VARIANT = re.compile(r"([cs])([1-9][0-9]{0,4})x([1-9][0-9]{0,4})(a?)")
 _SERVER = re.compile(r"(?:[A-Za-z0-9-]|_[dclr])+")
 _MEDIA_ID = re.compile(r"[A-Za-z0-9_-]+")
 _MAC = re.compile(r"[A-Za-z0-9_-]{24}")
+_REFERENCE = re.compile(r"[A-Za-z0-9_-]{16}")
 _FIELD_COUNT = 7
 
 _SERVER_ESCAPES = {".": "_d", ":": "_c", "[": "_l", "]": "_r"}
@@ -122,6 +130,8 @@ class LinkClaims:
     variant: Variant
     filename: str | None
     expires_at: int
+    # The reference (event) the link was minted for: its tag, or None (any reference).
+    reference: str | None = None
 
 
 class Verdict(Enum):
@@ -152,13 +162,15 @@ def sign(ring: KeyRing, claims: LinkClaims) -> str:
     _check_claims(claims)
     key = ring.signing_key
     fields = [
-        VERSION,
+        VERSION if claims.reference is None else REFERENCE_VERSION,
         key.key_id,
         str(claims.expires_at),
         _encode_variant(claims.variant),
         _encode_server(claims.media.server_name),
         claims.media.media_id,
     ]
+    if claims.reference is not None:
+        fields.append(claims.reference)
     message = _mac_input(key.key_id, claims, _filename_bytes(claims.filename))
     return ".".join([*fields, _mac_text(key, message)])
 
@@ -188,6 +200,7 @@ def verify(ring: KeyRing, token: str, filename: str | None, now: float) -> Verif
         variant=claims_without_name.variant,
         filename=filename,
         expires_at=claims_without_name.expires_at,
+        reference=claims_without_name.reference,
     )
     expected = _mac_text(key, _mac_input(key_id, claims, name_bytes))
     if not hmac.compare_digest(expected, mac):
@@ -234,6 +247,10 @@ def _check_claims(claims: LinkClaims) -> None:
             raise ValueError(f"unknown thumbnail method {variant.method!r}")
         if type(variant.animated) is not bool:
             raise ValueError("thumbnail 'animated' must be a bool")
+    if claims.reference is not None and (
+        not isinstance(claims.reference, str) or not _REFERENCE.fullmatch(claims.reference)
+    ):
+        raise ValueError("reference must be a reference tag (16 base64url characters)")
     expires_at = claims.expires_at
     if type(expires_at) is not int or not 0 <= expires_at <= MAX_EXPIRES_AT:
         raise ValueError(f"expires_at must be an integer in 0..{MAX_EXPIRES_AT}")
@@ -255,13 +272,16 @@ def _filename_bytes(filename: str | None) -> bytes | None:
 
 def _mac_input(key_id: str, claims: LinkClaims, filename: bytes | None) -> bytes:
     """Every signed field, each prefixed with its length, so the encoding is unambiguous."""
+    version = VERSION if claims.reference is None else REFERENCE_VERSION
     parts: list[bytes] = [
         _DOMAIN,
-        VERSION.encode(),
+        version.encode(),
         key_id.encode(),
         claims.media.server_name.encode(),
         claims.media.media_id.encode(),
     ]
+    if claims.reference is not None:
+        parts += [b"reference", claims.reference.encode()]
     variant = claims.variant
     if variant is None:
         parts.append(b"original")
@@ -319,10 +339,15 @@ def _parse(token: object) -> tuple[str, LinkClaims, str] | None:
     if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
         return None
     fields = token.split(".")
-    if len(fields) != _FIELD_COUNT:
+    reference: str | None = None
+    if len(fields) == _FIELD_COUNT + 1 and fields[0] == REFERENCE_VERSION:
+        reference = fields.pop(6)
+        if not _REFERENCE.fullmatch(reference):
+            return None
+    elif len(fields) != _FIELD_COUNT or fields[0] != VERSION:
         return None
-    version, key_id, expires_at, variant_text, server_text, media_id, mac = fields
-    if version != VERSION or not _KEY_ID.fullmatch(key_id) or not _MAC.fullmatch(mac):
+    _, key_id, expires_at, variant_text, server_text, media_id, mac = fields
+    if not _KEY_ID.fullmatch(key_id) or not _MAC.fullmatch(mac):
         return None
     if not _EXPIRES_AT.fullmatch(expires_at):
         return None
@@ -334,5 +359,7 @@ def _parse(token: object) -> tuple[str, LinkClaims, str] | None:
         return None
     if not _MEDIA_ID.fullmatch(media_id) or not is_valid_media_id(media_id):
         return None
-    claims = LinkClaims(MediaId(server_name, media_id), variant, None, int(expires_at))
+    claims = LinkClaims(
+        MediaId(server_name, media_id), variant, None, int(expires_at), reference
+    )
     return key_id, claims, mac

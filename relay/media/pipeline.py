@@ -31,7 +31,7 @@ from typing import Protocol, TypeVar
 
 from relay.core.errors import Codes, MatrixError
 from relay.core.mxc import MediaId
-from relay.core.records import MediaRecord
+from relay.core.records import MediaRecord, choose_reference
 from relay.core.signing import LinkClaims
 from relay.http.headers import normalise_content_type
 from relay.media.downloads import FileBody, MediaBody, MediaSource
@@ -58,7 +58,7 @@ RECORD_MEMO_ENTRIES = 1_000
 class MediaRecords(Protocol):
     """What the pipeline needs from the store (``relay.store.Store`` provides it)."""
 
-    async def media_record(self, media: MediaId) -> MediaRecord | None: ...
+    async def media_references(self, media: MediaId) -> list[MediaRecord]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +120,8 @@ class MediaPipeline:
         self.source = source
         self.renditions = renditions
         self.revalidator = revalidator
-        # One-element tuples, so that a remembered "never seen" (None) is not a miss.
-        self._record_memo: TTLCache[MediaId, tuple[MediaRecord | None]] = TTLCache(
+        # The live references of a media item, newest first ("never seen": empty).
+        self._record_memo: TTLCache[MediaId, tuple[MediaRecord, ...]] = TTLCache(
             RECORD_TTL, RECORD_MEMO_ENTRIES, clock=monotonic
         )
 
@@ -147,7 +147,11 @@ class MediaPipeline:
         Raises MatrixError for every failure (see the module docstring).
         """
         media = claims.media
-        record = await self._record(media)
+        record = choose_reference(await self._references(media), claims.reference)
+        if record is None and claims.reference is not None:
+            # Bound to a reference that is gone (redacted, or its room no longer served):
+            # what it would serve is no longer anyone's to give (relay.core.records).
+            raise MatrixError(410, Codes.NOT_FOUND, "The event this link was made for is gone")
         encryption = record.encryption if record is not None else None
         try:
             if claims.variant is not None:
@@ -201,11 +205,11 @@ class MediaPipeline:
         if self.revalidator is not None:
             await self.revalidator.close()
 
-    async def _record(self, media: MediaId) -> MediaRecord | None:
-        """The media record, remembered for RECORD_TTL seconds ("never seen" too)."""
+    async def _references(self, media: MediaId) -> list[MediaRecord]:
+        """The live references, remembered for RECORD_TTL seconds ("never seen" too)."""
         remembered = self._record_memo.get(media)
         if remembered is not None:
-            return remembered[0]
-        record = await database(self._records.media_record(media))
-        self._record_memo.put(media, (record,))
-        return record
+            return list(remembered)
+        records = await database(self._records.media_references(media))
+        self._record_memo.put(media, tuple(records))
+        return records

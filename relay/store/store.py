@@ -18,6 +18,8 @@ from relay.store.outbox import FollowUp, Kind, add_followups
 JOINING = "joining"
 JOINED = "joined"
 NAMESPACE = "namespace"
+# Links are bound to one of these; a reference beyond the newest this many is not served.
+MAX_REFERENCES = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,31 +340,39 @@ class Store:
     # ------------------------------------------------------------ media
 
     async def media_record(self, media: MediaId) -> MediaRecord | None:
-        """The newest live reference in a room still served, or None if there is none.
+        """The newest live reference in a room still served, or None if there is none."""
+        references = await self.media_references(media, limit=1)
+        return references[0] if references else None
+
+    async def media_references(
+        self, media: MediaId, *, limit: int = MAX_REFERENCES
+    ) -> list[MediaRecord]:
+        """The live references in rooms still served, newest first (at most ``limit``).
 
         A redacted reference is not live: what it said (its key, type, file name) no
-        longer speaks for the media item.
+        longer speaks for the media item, and links bound to it stop working.
         """
-        row = await self.db.fetchrow(
+        rows = await self.db.fetch(
             "SELECT m.room_id, m.event_id, m.mimetype, m.size, m.filename, m.encryption"
             " FROM media_reference m JOIN served_room s ON s.room_id = m.room_id"
             " WHERE m.server_name = $1 AND m.media_id = $2 AND m.redacted_by IS NULL"
-            " ORDER BY m.origin_ts DESC LIMIT 1",
+            " ORDER BY m.origin_ts DESC LIMIT $3",
             media.server_name,
             media.media_id,
+            limit,
         )
-        if row is None:
-            return None
-        encryption = EncryptionInfo.from_json(row["encryption"]) if row["encryption"] else None
-        return MediaRecord(
-            media,
-            row["room_id"],
-            row["event_id"],
-            row["mimetype"],
-            row["size"],
-            row["filename"],
-            encryption,
-        )
+        return [
+            MediaRecord(
+                media,
+                row["room_id"],
+                row["event_id"],
+                row["mimetype"],
+                row["size"],
+                row["filename"],
+                EncryptionInfo.from_json(row["encryption"]) if row["encryption"] else None,
+            )
+            for row in rows
+        ]
 
     async def is_revoked(self, media: MediaId) -> bool:
         """Whether links to ``media`` must stop working: it lost its last live reference.

@@ -55,7 +55,7 @@ THUMBNAILABLE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/
 class SeenMedia(Protocol):
     """What the bridge API needs from the store (``relay.store.Store`` provides it)."""
 
-    async def media_record(self, media: MediaId) -> MediaRecord | None: ...
+    async def media_references(self, media: MediaId) -> list[MediaRecord]: ...
 
 
 class SigningAudit(Protocol):
@@ -111,11 +111,14 @@ class BridgeAPI:
         variant = self._thumbnail(body.get("thumbnail"))
         if await self._revocations.is_revoked(media):
             raise MatrixError(410, Codes.NOT_FOUND, "The media was revoked")
-        if self.require_seen and await self._records.media_record(media) is None:
+        references = await self._records.media_references(media)
+        if self.require_seen and not references:
             raise MatrixError(
                 404, Codes.NOT_FOUND, "The relay has not seen this media in a room it serves"
             )
-        link = self._mint(bridge, media, ttl, filename, variant)
+        # Bound to the newest reference: a later mention cannot change what it serves.
+        reference = references[0].tag if references else None
+        link = self._mint(bridge, media, ttl, filename, variant, reference)
         return web.json_response(link.as_json())
 
     async def rewrite(self, request: web.Request) -> web.Response:
@@ -140,11 +143,12 @@ class BridgeAPI:
         links: dict[tuple[MediaId, tuple[str, ...]], dict[str, Any]] = {}
         preview = self._preview_size()
         for ref in references:
-            if not await self._may_sign(ref):
+            may_sign, tag = await self._reference_for(ref)
+            if not may_sign:
                 continue
-            link = self._mint(bridge, ref.media, ttl, _link_filename(ref), None).as_json()
+            link = self._mint(bridge, ref.media, ttl, _link_filename(ref), None, tag).as_json()
             if _has_preview(ref, event_type):
-                thumb = self._mint(bridge, ref.media, ttl, None, preview).as_json()
+                thumb = self._mint(bridge, ref.media, ttl, None, preview, tag).as_json()
                 link["thumbnail_url"] = thumb["url"]
                 link["thumbnail_expires_at"] = thumb["expires_at"]
             links[(ref.media, ref.path)] = link
@@ -206,16 +210,24 @@ class BridgeAPI:
         base = REWRITE_THUMBNAIL
         return Thumbnail(min(base.width, side), min(base.height, side), base.method)
 
-    async def _may_sign(self, ref: MediaReference) -> bool:
+    async def _reference_for(self, ref: MediaReference) -> tuple[bool, str | None]:
+        """Whether ``ref`` may be signed, and the stored reference its links are bound to.
+
+        The stored reference is the newest one that says what this content says (the
+        same key for an attachment, else the same type and name), so the link serves
+        this content's plaintext, type and filename whatever is posted later. An
+        attachment whose key the relay never saw is not signed: it could only serve
+        ciphertext.
+        """
         if await self._revocations.is_revoked(ref.media):
-            return False
-        if ref.encryption is None and not self.require_seen:
-            return True
-        record = await self._records.media_record(ref.media)
-        if record is None:
-            return False
-        # The server decrypts with the stored key; without one it could only send ciphertext.
-        return ref.encryption is None or record.encryption is not None
+            return False, None
+        stored = await self._records.media_references(ref.media)
+        same_key = [r for r in stored if r.encryption == ref.encryption]
+        alike = [r for r in same_key if (r.mimetype, r.filename) == (ref.mimetype, ref.filename)]
+        chosen = alike[0] if alike else same_key[0] if same_key else None
+        if chosen is not None:
+            return True, chosen.tag
+        return ref.encryption is None and not self.require_seen, None
 
     def _mint(
         self,
@@ -224,9 +236,12 @@ class BridgeAPI:
         ttl: int,
         filename: str | None,
         variant: Variant,
+        reference: str | None,
     ) -> SignedLink:
         try:
-            link = self._minter.mint(media, ttl, filename=filename, variant=variant)
+            link = self._minter.mint(
+                media, ttl, filename=filename, variant=variant, reference=reference
+            )
         except ValueError as e:
             raise MatrixError(400, Codes.INVALID_PARAM, str(e)) from None
         self._metrics.signed.labels(bridge.name).inc()

@@ -72,7 +72,7 @@ class SeenCheck:
     async def require(self, media: MediaId) -> None:
         if self._seen.get(media):
             return
-        if await database(self._records.media_record(media)) is None:
+        if not await database(self._records.media_references(media)):
             raise MatrixError(404, Codes.NOT_FOUND, "Not found")
         self._seen.put(media, True)
 

@@ -85,8 +85,10 @@ NATIVE = ("native", "relay")
 class ReadyResponse:
     """A plain GET's answer from a cached file, without Cache-Control (it is per link)."""
 
-    # The filename the link signed: part of the answer (Content-Disposition).
+    # The filename and reference the link signed: they decide the answer (its
+    # Content-Disposition, type and bytes), so only a link with the same ones may reuse it.
     claimed_filename: str | None
+    reference: str | None
     path: Path
     length: int
     # Reused for every answer: aiohttp copies the headers it is given into each response.
@@ -279,7 +281,10 @@ class MediaServer:
         """The remembered answer to a plain GET, or None (not remembered, or file gone)."""
         media = claims.media
         ready = self._ready.get(media)
-        if ready is None or ready.claimed_filename != claims.filename:
+        if ready is None or (ready.claimed_filename, ready.reference) != (
+            claims.filename,
+            claims.reference,
+        ):
             return None
         freshness = cache_control(claims.expires_at - now)
         if ready.body is not None:
@@ -304,7 +309,8 @@ class MediaServer:
         headers.popall("Cache-Control", None)
         ready_plan = ResponsePlan(plan.status, headers, plan.length, None, send_body=True)
         self._ready.put(
-            claims.media, ReadyResponse(claims.filename, path, length, ready_plan, body)
+            claims.media,
+            ReadyResponse(claims.filename, claims.reference, path, length, ready_plan, body),
         )
 
 

@@ -54,8 +54,8 @@ class FillingCache(MediaCache):
 
 
 class NoRecords:
-    async def media_record(self, media: MediaId) -> MediaRecord | None:
-        return None
+    async def media_references(self, media: MediaId) -> list[MediaRecord]:
+        return []
 
 
 class NothingRevoked:

@@ -52,9 +52,10 @@ class Records:
     records: dict[MediaId, MediaRecord] = field(default_factory=dict)
     queries: int = 0
 
-    async def media_record(self, media: MediaId) -> MediaRecord | None:
+    async def media_references(self, media: MediaId) -> list[MediaRecord]:
         self.queries += 1
-        return self.records.get(media)
+        record = self.records.get(media)
+        return [] if record is None else [record]
 
 
 @dataclass

@@ -46,8 +46,8 @@ def camera_jpeg() -> bytes:
 
 
 class NoRecords:
-    async def media_record(self, media: MediaId) -> MediaRecord | None:
-        return None
+    async def media_references(self, media: MediaId) -> list[MediaRecord]:
+        return []
 
 
 class NothingRevoked:

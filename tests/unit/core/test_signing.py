@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.core.mxc import MediaId
+from relay.core.records import reference_tag
 from relay.core.signing import (
     KeyRing,
     LinkClaims,
@@ -37,8 +38,9 @@ def claims(
     variant: Variant = None,
     filename: str | None = None,
     expires_at: int = EXPIRES,
+    reference: str | None = None,
 ) -> LinkClaims:
-    return LinkClaims(media, variant, filename, expires_at)
+    return LinkClaims(media, variant, filename, expires_at, reference)
 
 
 ROUND_TRIP_CASES = [
@@ -420,3 +422,49 @@ def test_build_url_round_trip_through_verify() -> None:
     url = build_url("https://relay.example/media/", sign(RING, link), link.filename)
     token, segment = urlsplit(url).path.split("/")[-2:]
     assert verify(RING, token, unquote(segment), NOW) == Verification(Verdict.VALID, link)
+
+
+# -- links bound to a reference (version 2) ------------------------------------------
+
+REFERENCE = reference_tag("$event:example.org")
+
+
+def test_bound_link_round_trips_as_version_2() -> None:
+    """A reference goes into a version-2 token and comes back out, covered by the MAC."""
+    bound = claims(filename="cat.png", reference=REFERENCE)
+    token = sign(RING, bound)
+    assert token.startswith("2.") and token.split(".")[6] == REFERENCE
+    result = verify(RING, token, "cat.png", NOW)
+    assert (result.verdict, result.claims) == (Verdict.VALID, bound)
+
+
+def test_unbound_link_stays_version_1() -> None:
+    """Without a reference the token is the version-1 format, and verifies as before."""
+    token = sign(RING, claims())
+    assert token.startswith("1.") and len(token.split(".")) == 7
+    result = verify(RING, token, None, NOW)
+    assert result.verdict is Verdict.VALID and result.claims is not None
+    assert result.claims.reference is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda f: [*f[:6], reference_tag("$other:example.org"), *f[7:]],  # another reference
+        lambda f: ["1", *f[1:6], f[7]],  # reference dropped, version downgraded
+        lambda f: f[:6] + f[7:],  # reference dropped, still version 2
+        lambda f: ["1", *f[1:]],  # version 1 with eight fields
+        lambda f: [*f[:6], "short", *f[7:]],  # not a tag
+    ],
+)
+def test_bound_link_cannot_be_rebound(change: object) -> None:
+    """Changing, dropping or downgrading the reference is refused (forged or malformed)."""
+    fields = sign(RING, claims(reference=REFERENCE)).split(".")
+    tampered = ".".join(change(fields))  # type: ignore[operator]
+    assert verify(RING, tampered, None, NOW).verdict in (Verdict.FORGED, Verdict.MALFORMED)
+
+
+def test_sign_refuses_a_reference_that_is_not_a_tag() -> None:
+    """Only a reference tag can be bound."""
+    with pytest.raises(ValueError):
+        sign(RING, claims(reference="$event:example.org"))
