@@ -1,4 +1,4 @@
-"""Start-up, wiring and shutdown of one relay process: two listeners, one database."""
+"""One relay process: start-up, its two listeners, revocation follow-ups, shutdown."""
 
 from __future__ import annotations
 
@@ -12,42 +12,30 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from relay.app.media import build_media
+from relay.app.rooms import RoomFollowUps
 from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_HOMESERVER, StartupError
 from relay.core.ingest_plan import RoomPolicy
-from relay.core.minting import LinkMinter
-from relay.core.mxc import InvalidMxc, MediaId, parse_mxc
-from relay.core.signing import KeyRing, SigningKey
-from relay.media.cache import MediaCache
+from relay.core.mxc import MediaId
 from relay.media.downloads import MediaSource
 from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
-from relay.media.revalidation import Revalidator
 from relay.media.revocation import RevocationCheck
-from relay.media.thumbnails import ThumbnailLimits
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
-from relay.store.outbox import FollowUp, Kind, Outbox
+from relay.store.outbox import Outbox
 from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
-from relay.upstream.fetcher import MediaFetcher, Timeouts
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
-from relay.upstream.probe import MediaProbe
-from relay.upstream.redirects import RedirectPolicy
 from relay.web.appservice import AppserviceAPI, IngestHooks
-from relay.web.bridge_api import BridgeAPI
-from relay.web.compat import CompatServer, SeenCheck
-from relay.web.legacy_media import LegacyMedia
 from relay.web.listener import ConnectionLimits, LimitedSite, ensure_descriptors, runner_args
 from relay.web.middleware import error_middleware
 from relay.web.public import MediaServer
 
 log = logging.getLogger(__name__)
 
-JOIN_ATTEMPTS = 5
-# A revalidation holds the requests for its item while it runs: never for long.
-PROBE_TIMEOUT = 10.0
 READY_TIMEOUT = 5.0
 
 
@@ -69,11 +57,6 @@ def stop_signals() -> Iterator[asyncio.Event]:
             loop.remove_signal_handler(sig)
 
 
-def key_ring(config: Config) -> KeyRing:
-    """The configured signing keys (the first signs, all verify)."""
-    return KeyRing([SigningKey(k.id, k.secret.encode()) for k in config.signing.keys])
-
-
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -90,10 +73,7 @@ class Relay:
         self.store: Store | None = None
         self.audit: AuditWriter | None = None
         self.outbox: Outbox | None = None
-        # Outbox follow-ups under way here (a retry skips them), and whether one failed
-        # for a reason that may pass (the homeserver unreachable, a purge error).
-        self._followups_running: set[FollowUp] = set()
-        self._followups_failed = False
+        self.rooms: RoomFollowUps | None = None
         self.homeserver: HomeserverClient | None = None
         self.capabilities: Capabilities | None = None
         self.media_source: MediaSource | None = None
@@ -131,9 +111,23 @@ class Relay:
             self.session, cfg.homeserver.address, cfg.appservice.as_token
         )
         await self._check_homeserver()
+        self.rooms = RoomFollowUps(
+            self.homeserver, self.store, self.outbox, self._purge, self._spawn
+        )
 
-        media_server, bridge_api = await self._start_media()
-        assert self.revocations is not None
+        stack = await build_media(
+            cfg,
+            self.session,
+            self.store,
+            self.metrics,
+            self.audit,
+            on_discovered=self._on_discovered,
+            on_gone=self._on_gone,
+        )
+        self.capabilities = stack.capabilities
+        self.media_source, self.renditions = stack.source, stack.renditions
+        self.revocations, self.pipeline = stack.revocations, stack.pipeline
+        self.media_server = media_server = stack.media_server
         # Revocations committed elsewhere reach this process within a second.
         self._spawn(self.revocations.watch(Takedowns(self._db)))
 
@@ -148,11 +142,14 @@ class Relay:
             ),
             self.metrics,
             IngestHooks(
-                self.join_rooms, self.decline_invites, self._on_revoked, self.retry_followups
+                self.rooms.join_rooms,
+                self.rooms.decline_invites,
+                self._on_revoked,
+                self.rooms.retry,
             ),
         )
         internal.add_routes(appservice.routes())
-        internal.add_routes(bridge_api.routes())
+        internal.add_routes(stack.bridge_api.routes())
         internal.add_routes(
             [
                 web.get("/_relay/health", health),
@@ -167,7 +164,7 @@ class Relay:
         public = web.Application(middlewares=[media_server.middleware, error_middleware])
         public.add_routes([web.get("/_relay/health", health)])
         public.add_routes(media_server.routes())
-        public.add_routes(self._compat_routes(media_server))
+        public.add_routes(stack.compat_routes)
 
         self.internal_url = await self._listen(
             internal, cfg.appservice.hostname, cfg.appservice.port
@@ -183,108 +180,8 @@ class Relay:
             self.public_url,
             cfg.public.url,
         )
-        self.join_rooms(await self.store.rooms_joining())
-        await self._resume_followups()
-
-    async def _start_media(self) -> tuple[MediaServer, BridgeAPI]:
-        """Capabilities, fetcher, cache, revocations; the public server and the bridge API."""
-        assert self.session is not None and self.store is not None
-        cfg = self.config
-        media = cfg.media
-        self.capabilities = Capabilities(
-            cfg.homeserver.address, cfg.appservice.as_token, session=self.session
-        )
-        self.capabilities.start()
-        fetcher = MediaFetcher(
-            self.session,
-            cfg.homeserver.address,
-            cfg.appservice.as_token,
-            self.capabilities,
-            self.metrics,
-            max_size=media.max_size,
-            timeouts=Timeouts(media.connect_timeout, media.read_timeout, media.download_timeout),
-            not_found_ttl=media.not_found_ttl,
-            redirect_policy=RedirectPolicy.from_entries(cfg.homeserver.redirect_hosts),
-            local_server_name=cfg.homeserver.domain,
-        )
-        cache = MediaCache(media.cache_dir, media.cache_max_size, self.metrics)
-        try:
-            await cache.start()
-        except OSError as e:
-            raise StartupError(
-                EXIT_CONFIG, f"media.cache_dir {media.cache_dir} is unusable: {e}"
-            ) from e
-        self.media_source = MediaSource(fetcher, cache, self.metrics)
-        self.renditions = Renditions(
-            self.media_source,
-            self.metrics,
-            limits=ThumbnailLimits(
-                max_side=cfg.thumbnails.max_side, max_pixels=cfg.thumbnails.max_pixels
-            ),
-            strip_metadata=media.strip_metadata,
-        )
-        self.revocations = RevocationCheck(self.store, on_discovered=self._on_discovered)
-        probe = MediaProbe(
-            self.session,
-            cfg.homeserver.address,
-            cfg.appservice.as_token,
-            fetcher,
-            self.metrics,
-            timeout=min(PROBE_TIMEOUT, media.read_timeout),
-        )
-        revalidator = Revalidator(
-            probe, self._on_gone, self.metrics, interval=media.revalidate_after
-        )
-        self.pipeline = MediaPipeline(
-            self.store,
-            self.revocations,
-            self.media_source,
-            self.renditions,
-            revalidator=revalidator,
-        )
-        ring = key_ring(cfg)
-        try:
-            self.media_server = MediaServer(
-                ring, self.pipeline, self.metrics, path_prefix=cfg.public.path_prefix
-            )
-        except ValueError as e:
-            raise StartupError(EXIT_CONFIG, str(e)) from e
-        bridge_api = BridgeAPI(
-            cfg.bridges,
-            LinkMinter(ring, cfg.public.url),
-            self.store,
-            self.revocations,
-            self.metrics,
-            default_ttl=cfg.signing.ttl,
-            require_seen=cfg.signing.require_seen,
-            max_thumbnail_side=cfg.thumbnails.max_side,
-            audit=self.audit,
-        )
-        return self.media_server, bridge_api
-
-    def _compat_routes(self, media_server: MediaServer) -> list[web.RouteDef]:
-        """Routes for the links bridges mint themselves (``compat:``), and legacy paths."""
-        cfg = self.config
-        assert self.store is not None and self.pipeline is not None
-        seen = SeenCheck(self.store)
-        routes: list[web.RouteDef] = []
-        if cfg.compat.legacy_media:
-            legacy = LegacyMedia(
-                media_server, self.pipeline, seen, max_thumbnail_side=cfg.thumbnails.max_side
-            )
-            routes += legacy.routes()
-        try:
-            compat = CompatServer(
-                cfg.compat,
-                media_server,
-                self.pipeline,
-                seen,
-                require_seen=cfg.signing.require_seen,
-            )
-            routes += compat.routes()
-        except (OSError, ValueError) as e:  # a JWK file gone since check-config, braces
-            raise StartupError(EXIT_CONFIG, str(e)) from e
-        return routes
+        self.rooms.join_rooms(await self.store.rooms_joining())
+        await self.rooms.resume()
 
     async def _check_homeserver(self) -> None:
         assert self.homeserver is not None
@@ -348,86 +245,12 @@ class Relay:
             return web.json_response({"status": "unavailable", "problems": problems}, status=503)
         return web.json_response({"status": "ready"})
 
-    # ------------------------------------------------------------ rooms
+    # ------------------------------------------------------------ revocations
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def join_rooms(self, room_ids: Sequence[str]) -> None:
-        for room_id in room_ids:
-            self._spawn(self._join(room_id))
-
-    def decline_invites(self, room_ids: Sequence[str]) -> None:
-        for room_id in room_ids:
-            followup = FollowUp(Kind.DECLINE, room_id)
-            if followup not in self._followups_running:
-                # Marked before the task runs, so a retry spawned meanwhile skips it.
-                self._followups_running.add(followup)
-                self._spawn(self._leave(room_id))
-
-    async def _join(self, room_id: str) -> None:
-        assert self.homeserver is not None and self.store is not None
-        for attempt in range(JOIN_ATTEMPTS):
-            try:
-                await self.homeserver.join_room(room_id)
-            except HomeserverError as e:
-                if e.status in (403, 404):
-                    log.warning("cannot join %s (%s); forgetting it", room_id, e)
-                    await self.store.forget_room(room_id)
-                    return
-                log.warning("joining %s failed (%s), attempt %d", room_id, e, attempt + 1)
-            except HomeserverUnreachable as e:
-                log.warning("joining %s failed (%s), attempt %d", room_id, e, attempt + 1)
-            else:
-                await self.store.mark_room_joined(room_id)
-                log.info("joined %s", room_id)
-                return
-            await asyncio.sleep(min(30, 2**attempt))
-        log.error("giving up joining %s for now; will retry at the next start", room_id)
-
-    async def _leave(self, room_id: str) -> None:
-        assert self.homeserver is not None and self.outbox is not None
-        followup = FollowUp(Kind.DECLINE, room_id)
-        try:
-            await self.homeserver.leave_room(room_id)
-        except HomeserverUnreachable as e:
-            # The outbox row stays: the next commit (or start) tries again.
-            log.warning("could not decline the invite to %s: %s", room_id, e)
-            self._followups_failed = True
-            return
-        except HomeserverError as e:
-            # The homeserver's word (no such invite any more): retrying cannot help.
-            log.warning("could not decline the invite to %s: %s", room_id, e)
-        finally:
-            self._followups_running.discard(followup)
-        await self.outbox.done(followup)
-
-    def retry_followups(self) -> None:
-        """After a commit: if a follow-up failed earlier, do what the outbox still holds."""
-        if self._followups_failed:
-            self._followups_failed = False
-            self._spawn(self._resume_followups())
-
-    async def _resume_followups(self) -> None:
-        """Do what the last run committed but did not live to do (relay.store.outbox)."""
-        assert self.outbox is not None
-        pending = [f for f in await self.outbox.pending() if f not in self._followups_running]
-        if not pending:
-            return
-        log.info("resuming %d follow-up(s) of transactions committed before", len(pending))
-        self.decline_invites([f.subject for f in pending if f.kind is Kind.DECLINE])
-        media: list[MediaId] = []
-        for f in pending:
-            if f.kind is Kind.PURGE:
-                try:
-                    media.append(parse_mxc(f.subject))
-                except InvalidMxc:
-                    log.warning("dropping an outbox row with an invalid mxc: %r", f.subject)
-                    await self.outbox.done(f)
-        if media:
-            self._spawn(self._purge_followups(media))
 
     async def _on_revoked(self, media: Sequence[MediaId]) -> None:
         """After a redaction commits: refuse the media at once here, and purge its cache."""
@@ -435,26 +258,8 @@ class Relay:
             if self.revocations is not None:
                 self.revocations.mark_revoked(item)
             self.metrics.revocations_by_source.labels(REDACTION).inc()
-        await self._purge_followups(media)
-
-    async def _purge_followups(self, media: Sequence[MediaId]) -> None:
-        """Purge each item's files, then delete its outbox row (kept if the purge failed)."""
-        assert self.outbox is not None
-        for item in media:
-            followup = FollowUp(Kind.PURGE, str(item))
-            if followup in self._followups_running:
-                continue
-            self._followups_running.add(followup)
-            try:
-                await self._purge(item)
-                await self.outbox.done(followup)
-            except Exception:
-                # Links are dead regardless (revocation is in the database); only the
-                # files are left, until a later commit or start retries.
-                log.exception("could not purge revoked %s; will retry", item)
-                self._followups_failed = True
-            finally:
-                self._followups_running.discard(followup)
+        if self.rooms is not None:
+            await self.rooms.purge(media)
 
     async def _on_discovered(self, media: MediaId) -> None:
         """Another process (or ``media-relay revoke``) revoked it: purge here, count by source."""
