@@ -25,6 +25,7 @@ from relay.media.revocation import RevocationCheck
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
 from relay.store.outbox import Outbox
+from relay.store.revocation_feed import RevocationFeed, revocation_feed
 from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
@@ -79,6 +80,7 @@ class Relay:
         self.media_source: MediaSource | None = None
         self.renditions: Renditions | None = None
         self.revocations: RevocationCheck | None = None
+        self.revocation_feed: RevocationFeed | None = None
         self.pipeline: MediaPipeline | None = None
         self.media_server: MediaServer | None = None
         self._db: Any = None
@@ -128,8 +130,10 @@ class Relay:
         self.media_source, self.renditions = stack.source, stack.renditions
         self.revocations, self.pipeline = stack.revocations, stack.pipeline
         self.media_server = media_server = stack.media_server
-        # Revocations committed elsewhere reach this process within a second.
-        self._spawn(self.revocations.watch(Takedowns(self._db)))
+        # Revocations committed elsewhere: pushed on PostgreSQL, polled on SQLite.
+        self.revocation_feed = revocation_feed(self._db)
+        await self.revocation_feed.start()
+        self._spawn(self.revocations.watch(self.revocation_feed))
 
         internal = web.Application(
             middlewares=[error_middleware], client_max_size=cfg.appservice.max_transaction_size
@@ -275,7 +279,7 @@ class Relay:
         self.metrics.revocations_by_source.labels(HOMESERVER).inc()
         await self._purge(media)
         if self._db is not None:
-            # For every process on the database (within a second, like a redaction).
+            # For every process on the database (relay.store.revocation_feed).
             await Takedowns(self._db).revoke(media, HOMESERVER)
 
     async def _purge(self, media: MediaId) -> None:
@@ -302,6 +306,9 @@ class Relay:
             await self.audit.close()
         if self.capabilities is not None:
             await self.capabilities.stop()
+        if self.revocation_feed is not None:
+            await self.revocation_feed.close()
+            self.revocation_feed = None
         if self._db is not None:
             await self._db.stop()
             self._db = None

@@ -2,15 +2,14 @@
 
 A redaction revokes media for good (``revoked_media`` rows are never deleted), so a
 "revoked" answer is kept until pushed out of the bounded memory, while a "not
-revoked" answer is trusted for only ``ttl`` seconds. With ``ttl`` at most 0.5 s, a
-redaction committed by any relay process sharing the database stops every other
-process serving the media within a second, without one database query per request
-for hot media.
+revoked" answer is trusted for only ``ttl`` seconds, without one database query per
+request for hot media.
 The process that ingested the redaction calls :meth:`RevocationCheck.mark_revoked`
 and stops at once. Revocations committed elsewhere (another process, ``media-relay
-revoke``) are also looked for every :data:`WATCH_INTERVAL` by :meth:`RevocationCheck.watch`,
-so every process purges its copy and cuts its responses under way without waiting for a
-request.
+revoke``, a removal found upstream) reach :meth:`RevocationCheck.watch` through a
+:class:`RevocationFeed` (pushed on PostgreSQL, polled on SQLite:
+:mod:`relay.store.revocation_feed`), so every process refuses the media, purges its
+copy and cuts its responses under way without waiting for a request.
 """
 
 from __future__ import annotations
@@ -30,9 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL = 0.5
 DEFAULT_MAX_ENTRIES = 100_000
-WATCH_INTERVAL = 0.5
-# Revocation times come from the writers' clocks: look this far back (ms) every time.
-CLOCK_MARGIN_MS = 5_000
+# After a failed read of the feed, wait this long before trying again.
+RETRY_DELAY = 0.5
 
 
 class RevocationStore(Protocol):
@@ -41,10 +39,15 @@ class RevocationStore(Protocol):
     async def is_revoked(self, media: MediaId) -> bool: ...
 
 
-class RevocationLog(Protocol):
-    """Revocations by time (``relay.store.takedown.Takedowns`` provides it)."""
+class RevocationFeed(Protocol):
+    """Revocations in commit order past a cursor (``relay.store.revocation_feed``)."""
 
-    async def revoked_since(self, since_ms: int) -> list[tuple[MediaId, int]]: ...
+    async def head(self) -> int: ...
+
+    async def after(self, cursor: int) -> list[tuple[int, MediaId]]: ...
+
+    async def wait(self) -> None:
+        """Return when there may be revocations past the cursor (pushed or polled)."""
 
 
 class RevocationCheck:
@@ -103,28 +106,37 @@ class RevocationCheck:
             self._answers.put(media, False)
         return revoked
 
-    async def watch(
-        self,
-        revocations: RevocationLog,
-        *,
-        interval: float = WATCH_INTERVAL,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
-        """Forever: apply revocations committed elsewhere (``on_discovered`` once each)."""
-        newest = int(wall() * 1000)
+    async def watch(self, feed: RevocationFeed, *, retry_delay: float = RETRY_DELAY) -> None:
+        """Forever: apply revocations committed elsewhere (``on_discovered`` once each).
+
+        Follows the feed's cursor from the newest revocation at start: older ones are
+        found by :meth:`is_revoked` when asked. Database errors are logged and retried.
+        """
+        cursor: int | None = None
+        behind = False  # a read failed: read again without waiting for the feed
         while True:
-            await asyncio.sleep(interval)
             try:
-                found = await revocations.revoked_since(newest - CLOCK_MARGIN_MS)
+                if cursor is None:
+                    cursor = await feed.head()
+                if not behind:
+                    await feed.wait()
+                behind = True
+                # Read everything past the cursor (a feed gives it out in batches).
+                while found := await feed.after(cursor):
+                    cursor = found[-1][0]
+                    await self._apply([media for _, media in found])
+                behind = False
             except Exception:
                 log.exception("could not look for new revocations; trying again")
-                continue
-            for media, revoked_at in found:
-                newest = max(newest, revoked_at)
-                if self._answers.get(media) is True:
-                    continue  # known here already (revoked here, or seen by a request)
-                self._answers.put(media, True, ttl=math.inf)
-                await self._discovered(media)
+                await asyncio.sleep(retry_delay)
+
+    async def _apply(self, revoked: list[MediaId]) -> None:
+        new = [m for m in revoked if self._answers.get(m) is not True]
+        # Refused at once, all of them; the clean-ups (purge, counting) come after.
+        for media in new:
+            self._answers.put(media, True, ttl=math.inf)
+        for media in new:
+            await self._discovered(media)
 
     async def close(self) -> None:
         """Cancel lookups still under way (at shutdown, before the database closes)."""

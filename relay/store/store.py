@@ -14,6 +14,7 @@ from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
 from relay.core.redactions import PowerLevels, redaction_applies
 from relay.store.outbox import FollowUp, Kind, add_followups
+from relay.store.revocation_feed import REDACTION, record_revocation
 
 JOINING = "joining"
 JOINED = "joined"
@@ -263,16 +264,7 @@ class Store:
             if live is not None:
                 continue
             # For good: revocation.py remembers "revoked" without asking again.
-            inserted = await conn.fetchval(
-                "INSERT INTO revoked_media (server_name, media_id, event_id, revoked_at)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (server_name, media_id) DO NOTHING"
-                " RETURNING media_id",
-                media.server_name,
-                media.media_id,
-                first_event[media],
-                now,
-            )
-            if inserted is not None:
+            if await record_revocation(conn, media, first_event[media], REDACTION, now):
                 revoked.append(media)
         return revoked
 

@@ -3,8 +3,8 @@
 A redaction revokes media when its last live reference goes (``Store.commit_transaction``);
 these revoke media outright, for good, in the same ``revoked_media`` table with a
 ``source``: ``operator`` (``media-relay revoke``) or ``homeserver`` (revalidation found it
-gone upstream). Every relay process on the database stops serving it within a second
-(:mod:`relay.media.revocation` trusts a "not revoked" answer for 0.5 s).
+gone upstream). Every relay process on the database hears of it
+(:mod:`relay.store.revocation_feed`) and stops serving it.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from enum import StrEnum
 from mautrix.util.async_db import Connection, Database
 
 from relay.core.mxc import MediaId
+from relay.store.revocation_feed import (
+    HOMESERVER,
+    OPERATOR,
+    REDACTION,
+    SOURCES,
+    record_revocation,
+)
 from relay.store.store import now_ms
 
-# The values of revoked_media.source (and of the relay_revocations_by_source label).
-REDACTION = "redaction"
-OPERATOR = "operator"
-HOMESERVER = "homeserver"
-SOURCES = (REDACTION, OPERATOR, HOMESERVER)
+__all__ = ["HOMESERVER", "OPERATOR", "REDACTION", "SOURCES", "Revoked", "Selector", "Takedowns"]
 
 
 class Selector(StrEnum):
@@ -81,17 +84,6 @@ class Takedowns:
             ordered = sorted(first_event, key=lambda m: (m.server_name, m.media_id))
             return [await _insert(conn, m, OPERATOR, first_event[m], now) for m in ordered]
 
-    async def revoked_since(self, since_ms: int) -> list[tuple[MediaId, int]]:
-        """Media revoked at or after ``since_ms`` (any source), with when, oldest first."""
-        rows = await self.db.fetch(
-            "SELECT server_name, media_id, revoked_at FROM revoked_media"
-            " WHERE revoked_at >= $1 ORDER BY revoked_at",
-            since_ms,
-        )
-        return [
-            (MediaId(row["server_name"], row["media_id"]), int(row["revoked_at"])) for row in rows
-        ]
-
     async def source(self, media: MediaId) -> str | None:
         """Who revoked ``media`` (one of :data:`SOURCES`), or None when it is not revoked."""
         value = await self.db.fetchval(
@@ -105,15 +97,4 @@ class Takedowns:
 async def _insert(
     conn: Connection, media: MediaId, source: str, event_id: str, now: int
 ) -> Revoked:
-    # The first revocation wins: its source and time stay (rows are never deleted).
-    inserted = await conn.fetchval(
-        "INSERT INTO revoked_media (server_name, media_id, event_id, revoked_at, source)"
-        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (server_name, media_id) DO NOTHING"
-        " RETURNING media_id",
-        media.server_name,
-        media.media_id,
-        event_id,
-        now,
-        source,
-    )
-    return Revoked(media, inserted is not None)
+    return Revoked(media, await record_revocation(conn, media, event_id, source, now))

@@ -1,58 +1,92 @@
-"""RevocationCheck.watch: revocations committed elsewhere are applied once each."""
+"""RevocationCheck.watch: revocations committed elsewhere are applied once each, in order."""
 
 from __future__ import annotations
 
 import asyncio
 
 from relay.core.mxc import MediaId
-from relay.media.revocation import CLOCK_MARGIN_MS, RevocationCheck
+from relay.media.revocation import RevocationCheck
 
 CAT = MediaId("example.org", "cat")
 DOG = MediaId("example.org", "dog")
-NOW_MS = 1_000_000
+EMU = MediaId("example.org", "emu")
+OLD = MediaId("example.org", "old")
 
 
-class Store:
-    """is_revoked for RevocationCheck, and the revocation log the watcher reads."""
+class Feed:
+    """is_revoked for RevocationCheck, and a feed the test nudges by hand."""
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[MediaId, int]] = []
+    def __init__(self, batch: int = 10) -> None:
+        self.rows: list[tuple[int, MediaId]] = []
         self.asked: list[int] = []
         self.fail = 0
+        self.batch = batch
+        self.nudge = asyncio.Event()
 
     async def is_revoked(self, media: MediaId) -> bool:
-        return any(m == media for m, _ in self.rows)
+        return any(m == media for _, m in self.rows)
 
-    async def revoked_since(self, since_ms: int) -> list[tuple[MediaId, int]]:
-        self.asked.append(since_ms)
+    async def head(self) -> int:
+        return max((seq for seq, _ in self.rows), default=0)
+
+    async def after(self, cursor: int) -> list[tuple[int, MediaId]]:
+        self.asked.append(cursor)
         if self.fail:
             self.fail -= 1
             raise ConnectionError("database down")
-        return [(m, t) for m, t in self.rows if t >= since_ms]
+        return [(s, m) for s, m in self.rows if s > cursor][: self.batch]
+
+    async def wait(self) -> None:
+        await self.nudge.wait()
+        self.nudge.clear()
+
+
+async def until(condition: object, *, within: float = 1.0) -> None:
+    for _ in range(int(within / 0.005)):
+        if callable(condition) and condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition not reached")
 
 
 async def test_watch_applies_each_revocation_once_and_survives_errors() -> None:
-    """New rows are marked revoked and discovered once; a database error is retried."""
-    store = Store()
+    """Rows past the start are marked and discovered once; a database error is retried."""
+    feed = Feed(batch=1)
+    feed.rows = [(3, OLD)]  # before the watch began: found by is_revoked, not discovered
     discovered: list[MediaId] = []
 
     async def on_discovered(media: MediaId) -> None:
         discovered.append(media)
 
-    check = RevocationCheck(store, on_discovered=on_discovered)
+    check = RevocationCheck(feed, on_discovered=on_discovered)
     check.mark_revoked(DOG)  # revoked here already: not discovered again
-    store.rows = [(CAT, NOW_MS + 10), (DOG, NOW_MS + 20)]
-    store.fail = 1
-    watcher = asyncio.create_task(check.watch(store, interval=0.01, wall=lambda: NOW_MS / 1000))
+    watcher = asyncio.create_task(check.watch(feed, retry_delay=0.01))
     try:
-        for _ in range(100):
-            if len(store.asked) >= 4:
-                break
-            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.02)
+        feed.rows += [(7, CAT), (9, DOG), (12, EMU)]
+        feed.fail = 1
+        feed.nudge.set()
+        await until(lambda: EMU in discovered)
+        assert discovered == [CAT, EMU]
+        assert check.remembered(CAT) is True and check.remembered(OLD) is None
+        # From the head, past each batch; the failed read is asked again from where it was.
+        assert feed.asked[:2] == [3, 3]
+        assert feed.asked[2:] == [7, 9, 12]
     finally:
         watcher.cancel()
-    assert discovered == [CAT]
-    assert check.remembered(CAT) is True
-    # Looks back by the clock margin from the newest revocation seen.
-    assert store.asked[0] == NOW_MS - CLOCK_MARGIN_MS
-    assert store.asked[-1] == NOW_MS + 20 - CLOCK_MARGIN_MS
+
+
+async def test_nothing_is_read_until_the_feed_says_so() -> None:
+    """The watcher reads only when the feed's wait returns (a push, or the poll's interval)."""
+    feed = Feed()
+    check = RevocationCheck(feed)
+    watcher = asyncio.create_task(check.watch(feed))
+    try:
+        await asyncio.sleep(0.01)  # the watch starts from the head (0)
+        feed.rows = [(1, CAT)]
+        await asyncio.sleep(0.05)
+        assert feed.asked == [] and check.remembered(CAT) is None
+        feed.nudge.set()
+        await until(lambda: check.remembered(CAT) is True)
+    finally:
+        watcher.cancel()
