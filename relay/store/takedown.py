@@ -64,7 +64,8 @@ class Takedowns:
     async def revoke(self, media: MediaId, source: str = OPERATOR, event_id: str = "") -> Revoked:
         """Revoke one media item, seen or not (an operator may act before it is posted)."""
         conn: Connection
-        async with self.db.acquire() as conn:
+        # A transaction: the numbering lock of record_revocation lasts until the commit.
+        async with self.db.acquire() as conn, conn.transaction():
             return await _insert(conn, media, source, event_id, now_ms())
 
     async def revoke_referenced(self, selector: Selector, value: str) -> list[Revoked]:
