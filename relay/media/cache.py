@@ -1,14 +1,8 @@
 """On-disk media cache: atomic entries, LRU eviction under a size cap, survives restarts.
 
-Layout under ``root`` (names come from a hash, never from raw ids)::
-
-    tmp/<random>.part          downloads in progress (removed at start-up)
-    ab/<sha256-hex>            the body of one entry (ab = first two hex digits)
-    ab/<sha256-hex>.json       its metadata; present only once the body is complete
-
-An entry is written to ``tmp/`` and ``os.replace``-d into place, then its sidecar is
-written the same way, so a crash leaves either nothing or a whole entry (an orphan
-body without sidecar is removed by :meth:`MediaCache.start`).
+The files themselves (names from a hash, sidecars, the start-up scan, removal) are
+:mod:`relay.media.cache_layout`'s; this module keeps the index in LRU order, the
+writers of entries in progress and the byte budget.
 
 Eviction unlinks files that may still be being sent: on Linux (POSIX) an open file
 descriptor keeps the data readable until it is closed, so readers that already
@@ -33,29 +27,22 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
-import secrets
-import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from relay.support.atomic import write_atomic
+from relay.media import cache_layout as layout
+from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.support.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-TMP_DIR = "tmp"
-TMP_SUFFIX = ".part"
-META_SUFFIX = ".json"
 # Access times are written to disk at most this often per entry (LRU survives restarts
 # approximately; exact order is only kept in memory).
 TOUCH_INTERVAL = 60.0
-HASH_CHUNK = 1024 * 1024
 
 
 class CacheFull(OSError):
@@ -63,32 +50,6 @@ class CacheFull(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOSPC, message)
-
-
-@dataclass(frozen=True, slots=True)
-class CacheKey:
-    """One cached rendition: ``variant`` is ``variant_key()`` output or an ``enc-…`` name."""
-
-    server_name: str
-    media_id: str
-    variant: str
-
-    def digest(self) -> str:
-        """The hex SHA-256 naming this entry on disk."""
-        raw = f"{self.server_name}\n{self.media_id}\n{self.variant}".encode()
-        return hashlib.sha256(raw).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class CacheEntry:
-    """A complete cached file and its metadata."""
-
-    path: Path
-    content_type: str
-    length: int
-    sha256: str
-    filename: str | None
-    created_at: float
 
 
 @dataclass(slots=True)
@@ -148,7 +109,7 @@ class CacheWriter:
         self, content_type: str, filename: str | None, sha256: str
     ) -> CacheEntry | None:
         if self.purged:
-            _unlink(self.path)
+            layout.unlink(self.path)
             self.release()
             self._cache._writers.discard(self)
             return None
@@ -158,14 +119,14 @@ class CacheWriter:
         """Commit what another writer (Pillow, by path) put at :attr:`path` instead of
         :meth:`write`: hashed here in one read, never copied."""
         self._close()
-        self.written, digest = await asyncio.to_thread(_hash_file, self.path)
+        self.written, digest = await asyncio.to_thread(layout.hash_file, self.path)
         self._hash = hashlib.sha256()
         return await self._finish(content_type, filename, digest)
 
     def abort(self) -> None:
         """Discard everything written; safe to call twice or after commit."""
         self._close()
-        _unlink(self.path)
+        layout.unlink(self.path)
         self.release()
         self._cache._writers.discard(self)
 
@@ -193,7 +154,10 @@ class MediaCache:
 
     async def start(self) -> None:
         """Scan existing entries, remove stray temporary files, rebuild the LRU index."""
-        items = await asyncio.to_thread(self._scan)
+        items = [
+            _Item(key, entry, touched)
+            for key, entry, touched in await asyncio.to_thread(layout.scan, self.root)
+        ]
         self._index.clear()
         self._by_media.clear()
         self.total_bytes = 0
@@ -204,51 +168,6 @@ class MediaCache:
         log.info(
             "media cache: %d entries, %d bytes in %s", len(self._index), self.total_bytes, self.root
         )
-
-    def _scan(self) -> list[_Item]:
-        _private_directory(self.root)
-        (self.root / TMP_DIR).mkdir(mode=0o700, exist_ok=True)
-        for stray in (self.root / TMP_DIR).iterdir():
-            _unlink(stray)
-        items: list[_Item] = []
-        for shard in self.root.iterdir():
-            if shard.name == TMP_DIR or not shard.is_dir() or len(shard.name) != 2:
-                continue
-            for path in shard.iterdir():
-                if path.name.endswith(META_SUFFIX):
-                    body = path.with_name(path.name[: -len(META_SUFFIX)])
-                    if not body.exists():
-                        _unlink(path)
-                    continue
-                if path.name.startswith("."):
-                    _unlink(path)  # an interrupted sidecar write
-                    continue
-                item = self._load(path)
-                if item is None:
-                    _unlink(path)
-                    _unlink(_meta_path(path))
-                else:
-                    items.append(item)
-        return items
-
-    def _load(self, body: Path) -> _Item | None:
-        try:
-            meta = json.loads(_meta_path(body).read_text(encoding="utf-8"))
-            key = CacheKey(str(meta["server_name"]), str(meta["media_id"]), str(meta["variant"]))
-            stat = body.stat()
-            entry = CacheEntry(
-                path=body,
-                content_type=str(meta["content_type"]),
-                length=int(meta["length"]),
-                sha256=str(meta["sha256"]),
-                filename=None if meta.get("filename") is None else str(meta["filename"]),
-                created_at=float(meta["created_at"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if body.name != key.digest() or stat.st_size != entry.length:
-            return None
-        return _Item(key, entry, stat.st_mtime)
 
     # -- lookups ------------------------------------------------------------------------
 
@@ -298,8 +217,7 @@ class MediaCache:
 
     def new_temp_path(self) -> Path:
         """A fresh path in the cache's temporary directory (same file system as entries)."""
-        path = self.root / TMP_DIR / f"{secrets.token_hex(16)}{TMP_SUFFIX}"
-        return self._checked(path)
+        return layout.temp_path(self.root)
 
     def reserve(self, nbytes: int, *, keep: CacheKey | None = None) -> None:
         """Count ``nbytes`` more about to be written in ``tmp/`` against ``max_bytes``,
@@ -336,7 +254,7 @@ class MediaCache:
     ) -> CacheEntry | None:
         key = writer.key
         digest = key.digest()
-        body = self._entry_path(digest)
+        body = layout.entry_path(self.root, digest)
         entry = CacheEntry(
             path=body,
             content_type=content_type,
@@ -345,20 +263,10 @@ class MediaCache:
             filename=filename,
             created_at=time.time(),
         )
-        meta = {
-            "server_name": key.server_name,
-            "media_id": key.media_id,
-            "variant": key.variant,
-            "content_type": content_type,
-            "length": entry.length,
-            "sha256": sha256,
-            "filename": filename,
-            "created_at": entry.created_at,
-        }
         try:
-            await asyncio.to_thread(self._install, writer.path, body, meta)
+            await asyncio.to_thread(layout.install, writer.path, key, entry)
         except BaseException:
-            _unlink(writer.path)
+            layout.unlink(writer.path)
             raise
         finally:
             # Committed or gone, the file is no longer in flight; as an entry it counts below.
@@ -366,19 +274,13 @@ class MediaCache:
             self._writers.discard(writer)
         if writer.purged:
             # Purged while the file was being moved into place.
-            await asyncio.to_thread(_unlink_entries, [body])
+            await asyncio.to_thread(layout.unlink_entries, [body])
             return None
         if digest in self._index:
             self._drop(digest, unlink=False)
         self._add(_Item(key, entry, entry.created_at))
         self._evict(protect=digest)
         return entry
-
-    def _install(self, tmp: Path, body: Path, meta: dict[str, Any]) -> None:
-        body.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Body first, sidecar last: the sidecar marks the entry complete (see _scan).
-        os.replace(tmp, body)
-        write_atomic(_meta_path(body), json.dumps(meta).encode())
 
     # -- removal ------------------------------------------------------------------------
 
@@ -394,7 +296,7 @@ class MediaCache:
         paths = [self._index[d].entry.path for d in digests]
         for digest in digests:
             self._drop(digest, unlink=False)
-        await asyncio.to_thread(_unlink_entries, paths)
+        await asyncio.to_thread(layout.unlink_entries, paths)
         return len(digests)
 
     def _evict(self, protect: str | None, *, keep: str | None = None) -> None:
@@ -434,53 +336,4 @@ class MediaCache:
             if not siblings:
                 del self._by_media[media]
         if unlink:
-            _unlink_entries([item.entry.path])
-
-    # -- paths --------------------------------------------------------------------------
-
-    def _entry_path(self, digest: str) -> Path:
-        return self._checked(self.root / digest[:2] / digest)
-
-    def _checked(self, path: Path) -> Path:
-        """Refuse any path that would resolve outside the cache root."""
-        if not path.resolve().is_relative_to(self.root):
-            raise ValueError(f"cache path escapes the cache root: {path}")
-        return path
-
-
-def _hash_file(path: Path) -> tuple[int, str]:
-    """Length and hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    length = 0
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-            length += len(chunk)
-    return length, digest.hexdigest()
-
-
-def _private_directory(root: Path) -> None:
-    """The cache root, 0700: its files are decrypted attachments (each also 0600)."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = stat.S_IMODE(root.stat().st_mode)
-    if mode & 0o077:
-        root.chmod(mode & 0o700)
-        log.warning(
-            "media cache %s was open to others (mode %o); made it %o", root, mode, mode & 0o700
-        )
-
-
-def _meta_path(body: Path) -> Path:
-    return body.with_name(body.name + META_SUFFIX)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-def _unlink_entries(paths: list[Path]) -> None:
-    for path in paths:
-        # Sidecar first: a body without sidecar is an orphan that start() removes.
-        _unlink(_meta_path(path))
-        _unlink(path)
+            layout.unlink_entries([item.entry.path])

@@ -32,7 +32,8 @@ from relay.media.attachments import (
     plaintext_variant,
     validate_encryption,
 )
-from relay.media.cache import CacheEntry, CacheKey, CacheWriter, MediaCache
+from relay.media.cache import CacheWriter, MediaCache
+from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.support.metrics import Metrics
 from relay.support.singleflight import Flight, SingleFlight
 from relay.upstream.errors import FetchError, UpstreamError, UpstreamNotFound

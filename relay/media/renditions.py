@@ -30,7 +30,8 @@ from relay.core.mxc import MediaId
 from relay.core.variant import Thumbnail, variant_key
 from relay.http.headers import media_type, normalise_content_type
 from relay.media.attachments import EncryptionLike
-from relay.media.cache import CacheEntry, CacheKey, CacheWriter, MediaCache
+from relay.media.cache import CacheWriter, MediaCache
+from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.media.downloads import MediaSource, Purged, read_head
 from relay.media.image_privacy import STRIPPED_TYPES, Stripped, handled_type, strip_metadata
 from relay.media.thumbnails import (

@@ -1,8 +1,12 @@
-"""Putting a complete body straight into a media cache, as a download would."""
+"""Media caches for tests: started over a directory, filled as a download would."""
 
 from __future__ import annotations
 
-from relay.media.cache import CacheEntry, CacheKey, MediaCache
+from pathlib import Path
+
+from relay.media.cache import MediaCache
+from relay.media.cache_layout import CacheEntry, CacheKey
+from relay.support.metrics import Metrics
 
 
 async def put_bytes(
@@ -16,3 +20,16 @@ async def put_bytes(
     except BaseException:
         writer.abort()
         raise
+
+
+async def started_cache(root: Path, max_bytes: int = 1 << 20) -> tuple[MediaCache, Metrics]:
+    """A started cache under ``root`` and the metrics it counts into."""
+    metrics = Metrics()
+    cache = MediaCache(root, max_bytes, metrics)
+    await cache.start()
+    return cache, metrics
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file below ``root``, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file())

@@ -22,7 +22,8 @@ from aiohttp import web
 from relay.core.mxc import InvalidMxc, MediaId
 from relay.http.headers import filename_from_content_disposition
 from relay.media.attachments import CiphertextHashMismatch
-from relay.media.cache import CacheKey, MediaCache
+from relay.media.cache import MediaCache
+from relay.media.cache_layout import CacheKey
 from relay.media.downloads import MediaBody, MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities

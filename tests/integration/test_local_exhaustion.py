@@ -21,7 +21,8 @@ from aiohttp import web
 from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
 from relay.core.signing import KeyRing, LinkClaims, SigningKey, build_url, sign
-from relay.media.cache import CacheKey, CacheWriter, MediaCache
+from relay.media.cache import CacheWriter, MediaCache
+from relay.media.cache_layout import CacheKey
 from relay.media.downloads import MediaSource
 from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions

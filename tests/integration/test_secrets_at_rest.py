@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.media.cache import CacheKey, MediaCache
+from relay.media.cache import MediaCache
+from relay.media.cache_layout import CacheKey
 from relay.store import open_database
 from relay.support.metrics import Metrics
 from tests.harness.cache import put_bytes
@@ -106,7 +107,7 @@ async def test_existing_open_cache_directory_is_tightened(
     """A cache directory created 0755 by an older version becomes 0700 at start-up, logged."""
     root = tmp_path / "cache"
     root.mkdir(mode=0o755)
-    caplog.set_level(logging.WARNING, logger="relay.media.cache")
+    caplog.set_level(logging.WARNING, logger="relay.media.cache_layout")
     await MediaCache(root, 1 << 20, Metrics()).start()
     assert mode(root) == 0o700
     assert any("open to others" in r.getMessage() for r in caplog.records)

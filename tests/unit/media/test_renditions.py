@@ -20,7 +20,8 @@ from PIL import Image
 from relay.core.attachment_keys import EncryptionInfo
 from relay.core.mxc import MediaId
 from relay.core.variant import Thumbnail, variant_key
-from relay.media.cache import CacheEntry, CacheKey, MediaCache
+from relay.media.cache import MediaCache
+from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.media.downloads import MediaSource
 from relay.media.renditions import (
     STRIPPED,
