@@ -34,10 +34,10 @@ from relay.media.cache import CacheWriter, MediaCache
 from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.media.downloads import MediaSource, Purged, read_head
 from relay.media.image_privacy import STRIPPED_TYPES, Stripped, handled_type, strip_metadata
+from relay.media.thumbnail_encoding import RenderedThumbnail
 from relay.media.thumbnails import (
     ImageTooLarge,
     NotAnImage,
-    RenderedThumbnail,
     ThumbnailError,
     ThumbnailLimits,
     check_request,

@@ -11,9 +11,7 @@ requested dimensions, servers should return the original content rather than
 thumbnail it". We never upscale; a source smaller than the request is re-encoded
 at (at most) its own size, which still drops its metadata. See :func:`target_size`.
 
-Output carries no metadata at all: no EXIF (orientation is applied to the pixels
-instead), no XMP, no comments, no text chunks and no ICC profile. Pixels are not
-converted from a wide-gamut profile to sRGB, so such photos look slightly duller.
+The output is encoded, with no metadata at all, by :mod:`relay.media.thumbnail_encoding`.
 """
 
 from __future__ import annotations
@@ -35,6 +33,13 @@ from relay.media.render_budget import (
     animated_frames_allowed,
     static_cost,
 )
+from relay.media.thumbnail_encoding import (
+    ANIMATED_FORMATS,
+    RenderedThumbnail,
+    displayable,
+    save_animated,
+    save_static,
+)
 
 # Formats we decode at all; everything else (BMP, TIFF, PSD, SVG, HTML...) is refused
 # before Pillow sees it, so a rarely used plugin's parser is never reached.
@@ -46,8 +51,6 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 # How many leading bytes sniff_format needs (RIFF....WEBP is the longest signature).
 SNIFF_BYTES = 16
-_ANIMATED_FORMATS = {"GIF": ("GIF", "image/gif"), "WEBP": ("WEBP", "image/webp")}
-_JPEG_QUALITY = 80
 # EXIF orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
@@ -100,15 +103,6 @@ class BadThumbnailRequest(ThumbnailError):
 
 class UnreadableImage(ThumbnailError):
     """The content looks like a supported image but cannot be decoded (truncated, corrupt)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RenderedThumbnail:
-    """What :func:`render_thumbnail` wrote to ``dst``."""
-
-    content_type: str
-    width: int
-    height: int
 
 
 def check_request(thumb: Thumbnail, limits: ThumbnailLimits) -> None:
@@ -176,16 +170,16 @@ def render_thumbnail(
             raise NotAnImage("Content is not a JPEG, PNG, WebP or GIF image")
         fp.seek(0)
         with _open(fp, fmt, limits) as im:
-            animated = thumb.animated and fmt in _ANIMATED_FORMATS and _is_animated(im)
+            animated = thumb.animated and fmt in ANIMATED_FORMATS and _is_animated(im)
             if animated:
                 made = _animated_frames(im, fmt, thumb, limits)
                 if made is not None:
                     frames, durations = made
-                    return _save_animated(frames, durations, im.info.get("loop"), fmt, dst)
+                    return save_animated(frames, durations, im.info.get("loop"), fmt, dst)
                 # Not two frames fit the budget: a still of the first frame, if that fits.
                 im.seek(0)
             frame = _static_frame(im, fmt, thumb, limits)
-    return _save_static(frame, dst)
+    return save_static(frame, dst)
 
 
 def _open(fp: BinaryIO, fmt: str, limits: ThumbnailLimits) -> Image.Image:
@@ -249,7 +243,7 @@ def _static_frame(
             raise ImageTooLarge("Image needs more memory to thumbnail than this relay allows")
         im.load()
         # exif_transpose copies even when there is nothing to turn: only call it to turn.
-        frame = _displayable(ImageOps.exif_transpose(im) if rotated else im)
+        frame = displayable(ImageOps.exif_transpose(im) if rotated else im)
         return _resize(frame, shown, size, box)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLarge("Image has too many pixels") from e
@@ -360,78 +354,6 @@ def _resize(
     # reducing_gap=2: a cheap box reduction first, then LANCZOS over the last factor of
     # two; visually the same as pure LANCZOS, and ~5x faster on large PNGs (no draft mode).
     return frame.resize(size, Image.Resampling.LANCZOS, box=scaled, reducing_gap=2.0)
-
-
-def _displayable(im: Image.Image) -> Image.Image:
-    """Convert to a mode we can encode: RGB or L if opaque, RGBA or LA otherwise."""
-    if im.mode in ("RGBA", "LA"):
-        return im
-    if "transparency" in im.info and im.mode in ("RGB", "L", "P", "1"):
-        return im.convert("RGBA")  # a tRNS colour key or a transparent palette entry
-    if im.mode in ("RGB", "L"):
-        return im
-    if im.mode.startswith("I;16") or im.mode == "I":
-        # 16-bit grey: scale to 8 bits (a plain convert would clip everything to white).
-        return im.convert("I").point(lambda v: v / 256).convert("L")
-    if im.mode == "1":
-        return im.convert("L")
-    if im.mode in ("P", "PA"):
-        return im.convert("RGBA")
-    return im.convert("RGB")  # CMYK, YCbCr, ...
-
-
-def _has_alpha(im: Image.Image) -> bool:
-    """Whether any pixel is not fully opaque (an unused alpha channel does not count)."""
-    if im.mode not in ("RGBA", "LA"):
-        return False
-    low = im.getchannel("A").getextrema()[0]  # one band: (min, max)
-    return isinstance(low, int | float) and low < 255
-
-
-def _save_static(frame: Image.Image, dst: Path) -> RenderedThumbnail:
-    """JPEG for opaque images, PNG when transparency is really used; no metadata."""
-    if _has_alpha(frame):
-        out, fmt, content_type = frame, "PNG", "image/png"
-        options: dict[str, object] = {"optimize": False}
-    else:
-        out = frame.convert("L" if frame.mode in ("L", "LA") else "RGB")
-        fmt, content_type = "JPEG", "image/jpeg"
-        options = {"quality": _JPEG_QUALITY, "optimize": True}
-    # Pillow copies ``info`` through convert/resize and writes some of it back (JPEG
-    # comment, PNG ICC profile): start from nothing so no metadata reaches the output.
-    out = out.copy()
-    out.info = {}
-    out.save(dst, format=fmt, **options)
-    return RenderedThumbnail(content_type, out.width, out.height)
-
-
-def _save_animated(
-    frames: list[Image.Image],
-    durations: list[int],
-    loop: object,
-    fmt: str,
-    dst: Path,
-) -> RenderedThumbnail:
-    """An animation in the source's container (GIF stays GIF, WebP stays WebP)."""
-    out_format, content_type = _ANIMATED_FORMATS[fmt]
-    first, rest = frames[0].copy(), frames[1:]
-    first.info = {}
-    for frame in rest:
-        frame.info = {}
-    options: dict[str, object] = {
-        "save_all": True,
-        "append_images": rest,
-        "duration": durations,
-    }
-    if isinstance(loop, int):
-        options["loop"] = loop  # absent in a GIF means "play once"; keep that
-    if out_format == "GIF":
-        # Frames are full composites: clear each before drawing the next.
-        options["disposal"] = 2
-    else:
-        options["quality"] = _JPEG_QUALITY
-    first.save(dst, format=out_format, **options)
-    return RenderedThumbnail(content_type, first.width, first.height)
 
 
 def _round_div(a: int, b: int) -> int:

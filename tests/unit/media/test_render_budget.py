@@ -22,9 +22,9 @@ from relay.media.render_budget import (
     bytes_per_pixel,
     static_cost,
 )
+from relay.media.thumbnail_encoding import RenderedThumbnail
 from relay.media.thumbnails import (
     ImageTooLarge,
-    RenderedThumbnail,
     ThumbnailLimits,
     render_thumbnail,
 )
