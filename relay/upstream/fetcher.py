@@ -4,8 +4,9 @@ One request in, one bounded stream out: the upstream URL is built only from a
 validated :class:`~relay.core.mxc.MediaId` (each path segment quoted), nothing from the
 client is forwarded, redirects are followed by hand under the policy of
 :mod:`relay.upstream.redirects` (the token never leaves the homeserver's media API),
-the body is counted against ``media.max_size`` as it arrives, and every upstream
-failure becomes one of the exceptions of :mod:`relay.upstream.errors`.
+the body is counted against ``media.max_size`` as it arrives (by
+:class:`~relay.upstream.response.UpstreamResponse`), and every upstream failure becomes
+one of the exceptions of :mod:`relay.upstream.errors`.
 
 Failures are remembered per media item (404 for ``not_found_ttl``, 401/403/5xx for
 ``failure_ttl``), so a dead link costs no upstream request per hit; a 429 backs off
@@ -18,7 +19,6 @@ homeserver refuses says nothing about the relay's token
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -38,12 +38,10 @@ from relay.core.mxc import (
     is_valid_media_id,
     is_valid_server_name,
 )
-from relay.http.headers import filename_from_content_disposition, media_type
 from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.errors import (
-    DEFAULT_RETRY_AFTER,
     FetchError,
     UpstreamError,
     UpstreamNotFound,
@@ -58,10 +56,15 @@ from relay.upstream.redirects import (
     RedirectRefused,
     check_redirect,
 )
+from relay.upstream.response import (
+    UpstreamResponse,
+    errcode_of,
+    read_error_body,
+    retry_after_seconds,
+)
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 64 * 1024
 FAILURE_MEMO_SIZE = 10_000
 # A homeserver's Retry-After is honoured up to this (seconds): a buggy or hostile
 # retry_after_ms of days must not take every link down for days.
@@ -69,8 +72,6 @@ MAX_BACKOFF = 300
 # Errcodes that speak of the token rather than of one media item (spec "Standard error
 # response"): the identity check is asked to run again soon.
 TOKEN_ERRCODES = frozenset({Codes.UNKNOWN_TOKEN, Codes.MISSING_TOKEN})
-# Error bodies are read only to learn the errcode; never buffer a large one.
-MAX_ERROR_BODY = 64 * 1024
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 AUTHENTICATED_PREFIX = "/_matrix/client/v1/media"
@@ -105,56 +106,8 @@ class _Failure:
         )
 
 
-def _retry_after_seconds(body: object, header: str | None) -> int:
-    """Back-off from ``retry_after_ms`` (spec "Rate limiting") or a Retry-After header."""
-    if isinstance(body, dict):
-        ms = body.get("retry_after_ms")
-        if isinstance(ms, int | float) and not isinstance(ms, bool) and ms >= 0:
-            return max(1, math.ceil(ms / 1000))
-    if header and header.strip().isdigit():
-        return max(1, int(header.strip()))
-    return DEFAULT_RETRY_AFTER
-
-
 def _capped(seconds: int) -> int:
     return min(seconds, MAX_BACKOFF)
-
-
-class UpstreamResponse:
-    """An open upstream media response; read the body with :meth:`iter_chunks`."""
-
-    def __init__(self, resp: aiohttp.ClientResponse, max_size: int, metrics: Metrics) -> None:
-        self._resp = resp
-        self._max_size = max_size
-        self._metrics = metrics
-        self.content_type = media_type(resp.headers.get("Content-Type"))
-        self.content_length = resp.content_length
-        self.filename = filename_from_content_disposition(resp.headers.get("Content-Disposition"))
-        self.received = 0
-        self.complete = False
-        # The counter label for this request, settled when the body ends or fails.
-        self.outcome = "ok"
-
-    async def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
-        """Yield the body as it arrives; raise UpstreamTooLarge past ``max_size``."""
-        try:
-            async for chunk in self._resp.content.iter_chunked(chunk_size):
-                self.received += len(chunk)
-                self._metrics.upstream_bytes.inc(len(chunk))
-                if self.received > self._max_size:
-                    self.outcome = "too_large"
-                    raise UpstreamTooLarge(f"body exceeds {self._max_size} bytes")
-                yield chunk
-        except TimeoutError as e:
-            self.outcome = "timeout"
-            raise UpstreamError("homeserver stopped sending", status=504) from e
-        except aiohttp.ClientError as e:
-            self.outcome = "upstream_error"
-            raise UpstreamError(f"download interrupted: {type(e).__name__}") from e
-        if self.content_length is not None and self.received != self.content_length:
-            self.outcome = "upstream_error"
-            raise UpstreamError("body shorter than its Content-Length")
-        self.complete = True
 
 
 class MediaFetcher:
@@ -297,14 +250,14 @@ class MediaFetcher:
         resp = await self._get(self._url(media, authenticated, query))
         if resp.status == 200:
             return self._accept(resp)
-        status, body = resp.status, await self._error_body(resp)
-        if authenticated and status in (404, 405) and _errcode(body) == Codes.UNRECOGNIZED:
+        status, body = resp.status, await read_error_body(resp)
+        if authenticated and status in (404, 405) and errcode_of(body) == Codes.UNRECOGNIZED:
             # Spec "Unsupported endpoints": 404/405 M_UNRECOGNIZED → the server predates v1.11.
             self.capabilities.mark_unsupported()
             resp = await self._get(self._url(media, False, query))
             if resp.status == 200:
                 return self._accept(resp)
-            status, body = resp.status, await self._error_body(resp)
+            status, body = resp.status, await read_error_body(resp)
         raise self._failure(media, status, body, resp.headers.get("Retry-After"))
 
     def _accept(self, resp: aiohttp.ClientResponse) -> aiohttp.ClientResponse:
@@ -323,7 +276,7 @@ class MediaFetcher:
         retry_after_header: str | None,
     ) -> Exception:
         """Count and build the exception for a non-200 answer."""
-        errcode = _errcode(body)
+        errcode = errcode_of(body)
         log.info("homeserver answered %d %s for %s", status, errcode or "-", media)
         if status == 404:
             self._count("not_found")
@@ -335,7 +288,7 @@ class MediaFetcher:
             return UpstreamTooLarge(f"homeserver says {media} is too large")
         if status == 429:
             self._count("rate_limited")
-            retry_after = _capped(_retry_after_seconds(body, retry_after_header))
+            retry_after = _capped(retry_after_seconds(body, retry_after_header))
             self._backoff_until = max(self._backoff_until, self._clock() + retry_after)
             return UpstreamRateLimited("homeserver rate-limited the relay", retry_after=retry_after)
         if status in (401, 403):
@@ -348,7 +301,7 @@ class MediaFetcher:
             self._remember(media, status, message)
             return UpstreamUnauthorized(message, retry_after=max(1, math.ceil(self.failure_ttl)))
         self._count("timeout" if status == 504 else "upstream_error")
-        retry_after = _capped(_retry_after_seconds(None, retry_after_header))
+        retry_after = _capped(retry_after_seconds(None, retry_after_header))
         message = f"homeserver answered {status} {errcode or ''}".strip()
         if status >= 500:
             self._remember(media, status, message)
@@ -415,24 +368,3 @@ class MediaFetcher:
         session, self._redirect_session = self._redirect_session, None
         if session is not None:
             await session.close()
-
-    async def _error_body(self, resp: aiohttp.ClientResponse) -> object:
-        """The (small) JSON error body of a failed request, or None; always closes it."""
-        try:
-            data = bytearray()
-            while len(data) < MAX_ERROR_BODY:
-                chunk = await resp.content.read(MAX_ERROR_BODY - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return json.loads(data) if data else None
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            return None
-        finally:
-            resp.close()
-
-
-def _errcode(body: object) -> str | None:
-    if isinstance(body, dict) and isinstance(body.get("errcode"), str):
-        return str(body["errcode"])
-    return None
