@@ -17,7 +17,7 @@ import pytest
 from relay.app import Relay
 from relay.config.loading import load
 from relay.core.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
-from relay.core.mxc import parse_mxc
+from relay.core.mxc import MediaId, parse_mxc
 from relay.devtools.local_synapse import LocalSynapse, free_ports
 from relay.media.downloads import MediaSource
 from tests.harness import make_png
@@ -257,3 +257,37 @@ async def test_revoke_reaches_a_relay_running_as_its_own_process(
         finally:
             process.terminate()
             assert await asyncio.wait_for(process.wait(), 30) == EXIT_OK
+
+
+async def test_a_redaction_ingested_by_one_relay_is_honoured_by_another_at_once(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The relay that did not ingest it refuses the media < 1 s after the one that did."""
+    first = await start_relay(make_config(database=postgres_url))
+    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    assert first.revocations is not None and second.revocations is not None
+    for _ in range(3):
+        data = make_png(16, 16, (secrets.randbelow(256), 3, secrets.randbelow(256)))
+        room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
+        media = parse_mxc(mxc)
+        link = on(second, (await sign(http_session, first, mxc))["url"], first)
+        assert (await fetch(http_session, link))[0] == 200  # "not revoked" remembered there
+        await alice.redact(room_id, event_id)
+
+        async def ingested_by_first(media: MediaId = media) -> bool:
+            assert first.revocations is not None
+            return first.revocations.remembered(media) is True
+
+        await eventually(ingested_by_first, within=10, interval=0.001)
+        ingested = time.monotonic()
+        while second.revocations.remembered(media) is not True:
+            assert time.monotonic() - ingested < 1.0
+            await asyncio.sleep(0.001)
+        assert (await fetch(http_session, link))[0] == 410
