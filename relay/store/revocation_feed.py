@@ -181,12 +181,15 @@ class ListeningFeed(RevocationFeed):
             self._connected.set()
             # What was committed while nobody listened is read from the cursor.
             self._nudge.set()
-            while not lost.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), self.interval)
-                if not lost.is_set():
-                    # A silent network failure sends no termination: ask.
-                    await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
+            try:
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), self.interval)
+                    if not lost.is_set():
+                        # A silent network failure sends no termination: ask.
+                        await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT)
+            except Exception as e:
+                raise _Lost(f"{type(e).__name__}: {e}") from e
             raise _Lost("the listening connection was closed")
         finally:
             if not conn.is_closed():
@@ -194,7 +197,7 @@ class ListeningFeed(RevocationFeed):
 
 
 class _Lost(ConnectionError):
-    """The listening connection went away after it had listened (reconnect at once)."""
+    """The connection went away after it had listened (reconnect after the first delay)."""
 
 
 def revocation_feed(db: Database) -> RevocationFeed:
