@@ -30,10 +30,11 @@ from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
+from relay.web.access_log import AccessLog
 from relay.web.appservice import AppserviceAPI, IngestHooks
 from relay.web.listener import ConnectionLimits, LimitedSite, ensure_descriptors, runner_args
 from relay.web.middleware import error_middleware
-from relay.web.public import MediaServer
+from relay.web.public import HEALTH_PATH, MediaServer
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,10 @@ class Relay:
             ]
         )
 
-        public = web.Application(middlewares=[media_server.middleware, error_middleware])
+        access = AccessLog(self.metrics, skip=HEALTH_PATH)
+        public = web.Application(
+            middlewares=[access.middleware, media_server.middleware, error_middleware]
+        )
         public.add_routes([web.get("/_relay/health", health)])
         public.add_routes(media_server.routes())
         public.add_routes(stack.compat_routes)

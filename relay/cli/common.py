@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from relay.config.loading import load, load_filling_secrets
 from relay.config.settings import Config
 
 log = logging.getLogger("relay")
-
-
-def setup_logging(level: str, debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    if not debug:
-        logging.getLogger("mau").setLevel(logging.WARNING)
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def load_config(path: Path, *, fill_signing_keys: bool = False) -> Config:

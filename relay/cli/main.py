@@ -15,7 +15,7 @@ from relay import __version__
 from relay.app import Relay, stop_signals
 from relay.cli.audit import add_arguments as add_audit_arguments
 from relay.cli.audit import cmd_audit
-from relay.cli.common import load_config, setup_logging
+from relay.cli.common import load_config
 from relay.cli.revoke import add_arguments as add_revoke_arguments
 from relay.cli.revoke import cmd_revoke
 from relay.config.errors import ConfigError
@@ -24,6 +24,7 @@ from relay.config.registration import write_registration
 from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_ERROR, EXIT_NEEDS_SETUP, EXIT_OK, StartupError
 from relay.support.atomic import write_atomic
+from relay.support.logs import setup_logging
 
 log = logging.getLogger("relay")
 
@@ -192,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return EXIT_NEEDS_SETUP
     config = load_config(args.config, fill_signing_keys=True)
-    setup_logging(config.log_level, args.debug)
+    setup_logging(config.log_level, args.debug, config.logging.format)
     return asyncio.run(serve_until_signalled(config))
 
 

@@ -42,6 +42,7 @@ from relay.config.values import (
     host_entries,
     http_url,
     integer,
+    log_format,
     log_level,
     number,
     regexes,
@@ -288,6 +289,7 @@ class CompatConfig(Section):
 
 class LoggingConfig(Section):
     level: Annotated[str, PlainValidator(log_level)] = "INFO"
+    format: Annotated[str, PlainValidator(log_format)] = "text"
 
 
 class Config(Section):

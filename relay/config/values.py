@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from relay.config.errors import ConfigError
 from relay.core.hosts import parse_host_entry
+from relay.support.logs import FORMATS
 
 GENERATE = "generate"
 MIN_SECRET_LENGTH = 32
@@ -161,6 +162,13 @@ def log_level(value: object) -> str:
     if level not in _LOG_LEVELS:
         fail(f"expected DEBUG, INFO, WARNING or ERROR, got {level!r}")
     return level
+
+
+def log_format(value: object) -> str:
+    text = string(value).lower()
+    if text not in FORMATS:
+        fail(f"expected text or json, got {text!r}")
+    return text
 
 
 def bridge_list(value: object) -> object:

@@ -122,6 +122,13 @@ class Metrics:
             ["kind", "entry", "status"],
             registry=r,
         )
+        self.public_request_seconds = Histogram(
+            "relay_public_request_seconds",
+            "Time to answer a public request (to the last byte handed to the kernel), by link kind",
+            ["kind"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
+            registry=r,
+        )
         self.served_bytes = Counter("relay_served_bytes", "Body bytes sent to clients", registry=r)
         self.connections_refused = Counter(
             "relay_public_connections_refused",

@@ -41,8 +41,9 @@ from relay.core.mxc import MediaId
 from relay.core.signing import LinkClaims
 from relay.media.pipeline import MediaPipeline, MediaRecords, database
 from relay.support.memo import TTLCache
+from relay.web.access_log import LINK_KEY
 from relay.web.middleware import loggable_path
-from relay.web.public import LINK_KEY, MediaServer
+from relay.web.public import MediaServer
 
 log = logging.getLogger(__name__)
 

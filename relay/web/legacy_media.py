@@ -28,8 +28,9 @@ from relay.core.mxc import MediaId
 from relay.core.signing import LinkClaims
 from relay.core.variant import THUMBNAIL_METHODS, Thumbnail, Variant
 from relay.media.pipeline import MediaPipeline
+from relay.web.access_log import LINK_KEY
 from relay.web.compat import NO_EXPIRY_MAX_AGE, SeenCheck
-from relay.web.public import LINK_KEY, MediaServer
+from relay.web.public import MediaServer
 
 LINK = ("legacy_media", "legacy_media")
 _VERSION = "{version:(?:r0|v3)}"

@@ -44,11 +44,13 @@ from prometheus_client import Counter
 from relay.core.errors import Codes, MatrixError
 from relay.core.mxc import MediaId
 from relay.core.signing import KeyRing, LinkClaims, Verdict, verify
+from relay.core.variant import variant_key
 from relay.http.headers import cache_control, security_headers
 from relay.http.response import ResponsePlan, plan_response
 from relay.media.pipeline import MediaPipeline
 from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
+from relay.web.access_log import LINK_KEY, MEDIA_KEY
 from relay.web.inflight import InFlight
 from relay.web.middleware import Handler
 from relay.web.sending import Sender, read_cached
@@ -77,7 +79,6 @@ READY_MEMO_ENTRIES = 32
 
 # Where a request's link came from, for relay_link_requests{kind, entry}: set by the
 # handler (native links here, the compat kinds in relay.web.compat) before it verifies.
-LINK_KEY = web.RequestKey("relay.link", tuple[str, str])
 NATIVE = ("native", "relay")
 
 
@@ -195,6 +196,7 @@ class MediaServer:
         bridges' own links, checks "seen", then calls this).
         """
         media = claims.media
+        request[MEDIA_KEY] = (str(media), variant_key(claims.variant))
         # Before anything is fetched, rendered or remembered: a redacted event's media
         # and its thumbnails are never produced nor served again.
         await self._pipeline.admit(media)

@@ -97,3 +97,18 @@ def test_parse_size_rejects(value: object) -> None:
     """Zero, negative, unit-less garbage and non-numbers are refused with the key's name."""
     with pytest.raises(ConfigError, match=r"^media\.max_size: "):
         parse_size(value, "media.max_size")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("json", "json"), ("TEXT", "text")])
+def test_logging_format(tmp_path: Path, value: str, expected: str) -> None:
+    """logging.format is text (the default) or json, in any case."""
+    assert validate(minimal(), base_dir=tmp_path).logging.format == "text"
+    config = validate(minimal(logging={"format": value}), base_dir=tmp_path)
+    assert config.logging.format == expected
+
+
+def test_logging_format_refuses_others(tmp_path: Path) -> None:
+    """Anything else names the key and the choices."""
+    with pytest.raises(ConfigError) as e:
+        validate(minimal(logging={"format": "xml"}), base_dir=tmp_path)
+    assert "logging.format: expected text or json, got 'xml'" in str(e.value)

@@ -1,0 +1,111 @@
+"""The public listener's access log: one line per request, never the link itself.
+
+A signed link is a capability, so the line carries what an operator needs and nothing
+that would let a reader of the log fetch the media: the method, the link's kind and
+entry, the media and variant it named (once verified), the status, the body length,
+the duration and the client's address as the reverse proxy gives it. Logged to
+``relay.access`` at INFO; with ``logging.format: json`` each field is a JSON key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from relay.support.metrics import Metrics
+from relay.web.middleware import Handler
+
+log = logging.getLogger("relay.access")
+
+# Set by the handlers once a link verified: (kind, config entry name), (mxc, variant).
+LINK_KEY = web.RequestKey("relay.link", tuple[str, str])
+MEDIA_KEY = web.RequestKey("relay.media", tuple[str, str])
+UNKNOWN = "-"
+
+
+def client_address(request: web.Request) -> str:
+    """The client as the reverse proxy in front says (X-Real-IP, else the address it
+    appended last to X-Forwarded-For), else the peer; anything not an IP address is "-"
+    (a header is the client's to write: it must not forge a log line)."""
+    forwarded = request.headers.get("X-Forwarded-For")
+    candidates = (
+        request.headers.get("X-Real-IP"),
+        forwarded.rsplit(",", 1)[-1] if forwarded else None,
+        request.remote,
+    )
+    for candidate in candidates:
+        if candidate:
+            try:
+                return str(ipaddress.ip_address(candidate.strip()))
+            except ValueError:
+                return UNKNOWN
+    return UNKNOWN
+
+
+def body_length(request: web.Request, response: web.StreamResponse) -> int | None:
+    """The body bytes the response carries (its Content-Length; none for HEAD or 304)."""
+    if request.method == "HEAD" or response.status in (204, 304):
+        return 0
+    if isinstance(response, web.Response) and not response.prepared:
+        body = response.body
+        return len(body) if isinstance(body, bytes | bytearray) else response.content_length
+    return response.content_length
+
+
+class AccessLog:
+    """The outermost middleware of the public listener: times, logs and measures."""
+
+    def __init__(
+        self, metrics: Metrics, *, skip: str, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._metrics = metrics
+        self._skip = skip
+        self._monotonic = monotonic
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == self._skip:
+            return await handler(request)
+        started = self._monotonic()
+        status: int | None = None
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            # A client that left (or a response cut on revocation) has no status: "-".
+            self._record(request, response, status, self._monotonic() - started)
+
+    def _record(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        status: int | None,
+        seconds: float,
+    ) -> None:
+        kind, entry = request.get(LINK_KEY, (UNKNOWN, UNKNOWN))
+        media, variant = request.get(MEDIA_KEY, (UNKNOWN, UNKNOWN))
+        length = body_length(request, response) if response is not None else None
+        self._metrics.public_request_seconds.labels(kind).observe(seconds)
+        fields = {
+            "method": request.method,
+            "kind": kind,
+            "entry": entry,
+            "media": media,
+            "variant": variant,
+            "status": status if status is not None else UNKNOWN,
+            "bytes": length if length is not None else UNKNOWN,
+            "ms": round(seconds * 1000, 2),
+            "client": client_address(request),
+        }
+        log.info(
+            "%(method)s %(kind)s/%(entry)s %(media)s %(variant)s %(status)s %(bytes)s B "
+            "%(ms)s ms %(client)s",
+            fields,
+            extra={"access": fields},
+        )
