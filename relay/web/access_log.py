@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable
 
 from aiohttp import web
+from prometheus_client import Histogram
 
 from relay.support.metrics import Metrics
 from relay.web.middleware import Handler
@@ -25,25 +27,28 @@ log = logging.getLogger("relay.access")
 LINK_KEY = web.RequestKey("relay.link", tuple[str, str])
 MEDIA_KEY = web.RequestKey("relay.media", tuple[str, str])
 UNKNOWN = "-"
+_ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f:.]{2,45}")
 
 
 def client_address(request: web.Request) -> str:
     """The client as the reverse proxy in front says (X-Real-IP, else the address it
     appended last to X-Forwarded-For), else the peer; anything not an IP address is "-"
     (a header is the client's to write: it must not forge a log line)."""
-    forwarded = request.headers.get("X-Forwarded-For")
-    candidates = (
-        request.headers.get("X-Real-IP"),
-        forwarded.rsplit(",", 1)[-1] if forwarded else None,
-        request.remote,
-    )
-    for candidate in candidates:
-        if candidate:
-            try:
-                return str(ipaddress.ip_address(candidate.strip()))
-            except ValueError:
-                return UNKNOWN
-    return UNKNOWN
+    headers = request.headers
+    claimed = headers.get("X-Real-IP")
+    if claimed is None:
+        forwarded = headers.get("X-Forwarded-For")
+        claimed = forwarded.rsplit(",", 1)[-1] if forwarded is not None else None
+    if claimed is None:
+        return request.remote or UNKNOWN  # the peer: the kernel's word, an address already
+    claimed = claimed.strip()
+    # Only the characters of an address pass the cheap check; the parser confirms it.
+    if not _ADDRESS_CHARS.fullmatch(claimed):
+        return UNKNOWN
+    try:
+        return str(ipaddress.ip_address(claimed))
+    except ValueError:
+        return UNKNOWN
 
 
 def body_length(request: web.Request, response: web.StreamResponse) -> int | None:
@@ -65,6 +70,8 @@ class AccessLog:
         self._metrics = metrics
         self._skip = skip
         self._monotonic = monotonic
+        # kind → its child of the latency histogram (labels() costs a lookup per call).
+        self._latency: dict[str, Histogram] = {}
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -89,9 +96,14 @@ class AccessLog:
         seconds: float,
     ) -> None:
         kind, entry = request.get(LINK_KEY, (UNKNOWN, UNKNOWN))
+        latency = self._latency.get(kind)
+        if latency is None:
+            latency = self._latency[kind] = self._metrics.public_request_seconds.labels(kind)
+        latency.observe(seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return
         media, variant = request.get(MEDIA_KEY, (UNKNOWN, UNKNOWN))
         length = body_length(request, response) if response is not None else None
-        self._metrics.public_request_seconds.labels(kind).observe(seconds)
         fields = {
             "method": request.method,
             "kind": kind,
