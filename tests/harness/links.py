@@ -75,19 +75,23 @@ def errcode(body: bytes) -> str:
     return str(json.loads(body)["errcode"])
 
 
-async def run_sign(config_path: Path, *args: str) -> tuple[int, str, str]:
-    """Run the real command line in a subprocess (it owns its event loop)."""
+async def run_cli(config_path: Path, *args: str) -> tuple[int, str, str]:
+    """The real command line in a subprocess (it owns its event loop): (exit, out, err)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "relay",
-        "sign",
+        *args,
         "-c",
         str(config_path),
-        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def run_sign(config_path: Path, *args: str) -> tuple[int, str, str]:
+    """``media-relay sign … -c config_path``."""
+    return await run_cli(config_path, "sign", *args)

@@ -13,11 +13,10 @@ from relay.core.exit_codes import EXIT_OK, EXIT_USAGE
 from relay.core.mxc import parse_mxc
 from relay.store.audit import AuditRow, AuditTrail
 from tests.harness import make_png
-from tests.harness.links import post_media, sign
+from tests.harness.links import post_media, run_cli, sign
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import BRIDGE_TOKEN, MakeConfig, StartRelay
 from tests.harness.waiting import eventually
-from tests.integration.test_revoke_command import run_cli
 
 pytestmark = pytest.mark.synapse
 

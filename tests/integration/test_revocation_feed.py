@@ -26,7 +26,7 @@ from relay.store.revocation_feed import (
     revocation_feed,
 )
 from relay.store.takedown import HOMESERVER, OPERATOR, REDACTION, Takedowns
-from tests.integration.test_store import commit, image, invite, redaction
+from tests.harness.store_events import commit, image, invite, redaction
 
 ROOM = "!feed:example.org"
 # Long enough that only a notification (or a reconnection's catch-up) can be in time.

@@ -22,29 +22,12 @@ from relay.devtools.local_synapse import LocalSynapse, free_ports
 from relay.media.downloads import MediaSource
 from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
-from tests.harness.links import errcode, fetch, post_media, sign
+from tests.harness.links import errcode, fetch, post_media, run_cli, sign
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import MakeConfig, StartRelay, relay_config_dict, write_config
 from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.synapse
-
-
-async def run_cli(config_path: Path, *args: str) -> tuple[int, str, str]:
-    """The real command line in a subprocess: (exit status, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        "-c",
-        str(config_path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def second_relay(

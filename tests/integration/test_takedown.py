@@ -11,7 +11,7 @@ from relay.core.mxc import MediaId
 from relay.store import Store, open_database
 from relay.store.migrations import upgrade_table
 from relay.store.takedown import HOMESERVER, OPERATOR, Revoked, Selector, Takedowns
-from tests.integration.test_store import commit, edit, from_sender, image, invite, redaction
+from tests.harness.store_events import commit, edit, from_sender, image, invite, redaction
 
 ROOM = "!take:example.org"
 OTHER_ROOM = "!other:example.org"
