@@ -16,7 +16,7 @@ from ruamel.yaml import YAML
 from relay.app import Relay
 from relay.config.loading import load
 from relay.config.settings import Config
-from relay.devtools.local_synapse import LocalSynapse
+from relay.devtools.local_synapse import LocalSynapse, free_ports
 from tests.harness.fixtures import RelayPorts, RelayRegistration, run_coroutine_in_thread
 
 POSTGRES_URL = os.environ.get(
@@ -155,3 +155,25 @@ async def start_relay(make_config: MakeConfig) -> AsyncIterator[StartRelay]:
     yield factory
     for relay in reversed(started):
         await relay.stop()
+
+
+async def second_relay(
+    synapse: LocalSynapse,
+    registration: RelayRegistration,
+    database: str,
+    start_relay: StartRelay,
+    tmp_path: Path,
+) -> Relay:
+    """Another relay process's worth of state (own cache, own listeners) on the same database."""
+    workdir = tmp_path / "second"
+    workdir.mkdir()
+    ports = RelayPorts(*free_ports(2))
+    data = relay_config_dict(synapse, registration, ports, workdir, database)
+    return await start_relay(load(write_config(workdir / "config.yaml", data), {}))
+
+
+def on(relay: Relay, url: str, first: Relay) -> str:
+    """The same link, served by ``relay`` instead of ``first``."""
+    return url.replace(
+        f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{relay.config.public.port}"
+    )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest_asyncio
 from aiohttp import web
 
+from relay.core.mxc import MediaId
+from relay.core.records import MediaRecord
 from tests.harness.loopback import start_loopback
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,3 +93,26 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest_asyncio.fixture
+async def stub() -> AsyncIterator[StubServer]:
+    """The stub homeserver, started on a loopback port."""
+    server = StubServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class NoRecords:
+    """A store that has seen no media (for pipelines over the stub)."""
+
+    async def media_references(self, media: MediaId) -> list[MediaRecord]:
+        return []
+
+
+class NothingRevoked:
+    """A store in which nothing is revoked."""
+
+    async def is_revoked(self, media: MediaId) -> bool:
+        return False

@@ -63,15 +63,6 @@ class RelayParts:
 
 
 @pytest_asyncio.fixture
-async def stub() -> AsyncIterator[StubServer]:
-    """The stub homeserver."""
-    server = StubServer()
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest_asyncio.fixture
 async def other_origin() -> AsyncIterator[StubServer]:
     """A second server on another port: a different origin (RFC 6454)."""
     server = StubServer()

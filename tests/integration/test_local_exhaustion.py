@@ -19,7 +19,6 @@ import pytest_asyncio
 from aiohttp import web
 
 from relay.core.mxc import MediaId
-from relay.core.records import MediaRecord
 from relay.core.signing import KeyRing, LinkClaims, SigningKey, build_url, sign
 from relay.media.cache import CacheWriter, MediaCache
 from relay.media.cache_layout import CacheKey
@@ -33,7 +32,14 @@ from relay.upstream.fetcher import MediaFetcher
 from relay.web.middleware import error_middleware
 from relay.web.public import MediaServer
 from tests.harness.loopback import start_loopback
-from tests.harness.stub_homeserver import AS_TOKEN, SERVER, StubServer, serve_bytes
+from tests.harness.stub_homeserver import (
+    AS_TOKEN,
+    SERVER,
+    NoRecords,
+    NothingRevoked,
+    StubServer,
+    serve_bytes,
+)
 
 RING = KeyRing([SigningKey("k1", b"s" * 32)])
 
@@ -52,24 +58,6 @@ class FillingCache(MediaCache):
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             return CacheWriter(self, key, path, os.open("/dev/full", os.O_WRONLY))
         return super().begin(key)
-
-
-class NoRecords:
-    async def media_references(self, media: MediaId) -> list[MediaRecord]:
-        return []
-
-
-class NothingRevoked:
-    async def is_revoked(self, media: MediaId) -> bool:
-        return False
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[StubServer]:
-    server = StubServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest_asyncio.fixture

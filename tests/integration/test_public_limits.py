@@ -132,7 +132,7 @@ async def test_stalled_reader_is_closed_and_its_cache_file_released(
         # ... until no progress for send_timeout: then the connection and file are gone.
         await eventually(lambda: _async(not open_cache_files(cache_dir)), within=15)
         elapsed = time.monotonic() - started
-        assert 1.4 <= elapsed < 10, elapsed
+        assert elapsed >= 1.4 and elapsed < 10, elapsed
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError, AssertionError)):
             # What little the client may still read ends short of the body.
             received = 0

@@ -14,8 +14,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from relay.app import Relay
-from relay.config.loading import load
 from relay.core.exit_codes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from relay.core.mxc import MediaId, parse_mxc
 from relay.devtools.local_synapse import LocalSynapse, free_ports
@@ -24,32 +22,17 @@ from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
 from tests.harness.links import errcode, fetch, post_media, run_cli, sign
 from tests.harness.matrix_client import MatrixUser
-from tests.harness.relay import MakeConfig, StartRelay, relay_config_dict, write_config
+from tests.harness.relay import (
+    MakeConfig,
+    StartRelay,
+    on,
+    relay_config_dict,
+    second_relay,
+    write_config,
+)
 from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.synapse
-
-
-async def second_relay(
-    synapse: LocalSynapse,
-    registration: RelayRegistration,
-    database: str,
-    start_relay: StartRelay,
-    tmp_path: Path,
-) -> Relay:
-    """Another relay process's worth of state (own cache, own listeners) on the same database."""
-    workdir = tmp_path / "second"
-    workdir.mkdir()
-    ports = RelayPorts(*free_ports(2))
-    data = relay_config_dict(synapse, registration, ports, workdir, database)
-    return await start_relay(load(write_config(workdir / "config.yaml", data), {}))
-
-
-def on(relay: Relay, url: str, first: Relay) -> str:
-    """The same link, served by ``relay`` instead of ``first``."""
-    return url.replace(
-        f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{relay.config.public.port}"
-    )
 
 
 @pytest.mark.parametrize("selector", ["mxc", "--event", "--room", "--sender"])

@@ -11,22 +11,21 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.config.loading import load
 from relay.core.mxc import MediaId, parse_mxc
-from relay.devtools.local_synapse import LocalSynapse, free_ports
+from relay.devtools.local_synapse import LocalSynapse
 from relay.http.headers import security_headers
 from relay.media.downloads import MediaSource
 from relay.web.public import SMALL_BODY
 from tests.harness import make_png
-from tests.harness.fixtures import RelayPorts, RelayRegistration
+from tests.harness.fixtures import RelayRegistration
 from tests.harness.links import errcode, fetch, post_media, sign, wait_recorded
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import (
     SIGNING_SECRET,
     MakeConfig,
     StartRelay,
-    relay_config_dict,
-    write_config,
+    on,
+    second_relay,
 )
 from tests.harness.rooms import served_room
 from tests.harness.waiting import eventually
@@ -447,16 +446,12 @@ async def test_revocation_reaches_another_process_sharing_postgres(
 ) -> None:
     """Two relays on one PostgreSQL: a redaction ingested by one stops the other within ~1 s."""
     first = await start_relay(make_config(database=postgres_url))
-    other_dir = tmp_path / "second"
-    other_dir.mkdir()
-    ports = RelayPorts(*free_ports(2))
-    config_data = relay_config_dict(synapse, relay_registration, ports, other_dir, postgres_url)
-    second = await start_relay(load(write_config(other_dir / "config.yaml", config_data), {}))
+    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
 
     data = make_png(24, 24)
     room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
     url = (await sign(http_session, first, mxc))["url"]
-    second_url = url.replace(f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{ports.public}")
+    second_url = on(second, url, first)
     assert second_url != url
     for link in (url, second_url):
         status, _, body = await fetch(http_session, link)

@@ -19,7 +19,6 @@ from PIL import Image
 
 from relay.core.errors import MatrixError
 from relay.core.mxc import MediaId
-from relay.core.records import MediaRecord
 from relay.core.signing import LinkClaims
 from relay.media.cache import MediaCache
 from relay.media.downloads import MediaBody, MediaSource
@@ -30,7 +29,7 @@ from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher
 from tests.harness.images import GPS_IFD, image_bytes
-from tests.harness.stub_homeserver import AS_TOKEN, SERVER, StubServer
+from tests.harness.stub_homeserver import AS_TOKEN, SERVER, NoRecords, NothingRevoked, StubServer
 
 EXIF_IFD = 0x8769
 BODY_SERIAL = 0xA431
@@ -45,30 +44,12 @@ def camera_jpeg() -> bytes:
     return image_bytes("JPEG", exif=exif.tobytes(), quality=90)
 
 
-class NoRecords:
-    async def media_references(self, media: MediaId) -> list[MediaRecord]:
-        return []
-
-
-class NothingRevoked:
-    async def is_revoked(self, media: MediaId) -> bool:
-        return False
-
-
 def labelled(data: bytes, content_type: str | None) -> web.StreamResponse:
     response = web.StreamResponse()
     if content_type is not None:
         response.headers["Content-Type"] = content_type
     response.content_length = len(data)
     return response
-
-
-@pytest_asyncio.fixture
-async def stub() -> AsyncIterator[StubServer]:
-    server = StubServer()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest_asyncio.fixture
