@@ -17,9 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PlainValidator,
     ValidationInfo,
@@ -29,6 +27,8 @@ from pydantic import (
 
 # ConfigError is re-exported: importers of the schema catch it (relay.cli.doctor).
 from relay.config.errors import ConfigError as ConfigError
+from relay.config.media_settings import MediaConfig, ObjectStoreConfig, ThumbnailConfig
+from relay.config.section import Section
 from relay.config.values import (
     Flag,
     Port,
@@ -62,21 +62,7 @@ _BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # ---------------------------------------------------------------- sections
 
-
-class Section(BaseModel):
-    """A mapping in the config: frozen, unknown keys refused."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    shape: ClassVar[str] = "a mapping"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _mapping(cls, data: object) -> object:
-        if isinstance(data, cls):
-            return data
-        if not isinstance(data, Mapping):
-            fail(f"expected {cls.shape}, got {data!r}")
-        return dict(data)
+__all__ = ["ConfigError", "MediaConfig", "ObjectStoreConfig", "Section", "ThumbnailConfig"]
 
 
 class HomeserverConfig(Section):
@@ -128,44 +114,14 @@ class PublicConfig(Section):
     header_timeout: Annotated[float, number(0.1, 3600)] = 30.0
     send_timeout: Annotated[float, number(0.1, 3600)] = 60.0
     max_connections: Annotated[int, integer(1, 1_000_000)] = 1024
+    # Processes serving this listener, sharing its port (SO_REUSEPORT), the database and
+    # media.cache_dir (relay.app.workers); max_connections counts per process.
+    workers: Annotated[int, integer(1, 64)] = 1
 
     @property
     def path_prefix(self) -> str:
         """The path part of ``public.url`` without a trailing slash ("" for none)."""
         return urlsplit(self.url).path.rstrip("/")
-
-
-class MediaConfig(Section):
-    cache_dir: Path = Field(default=Path("media-cache"), validate_default=True)
-    max_size: Size = 100 * 1024**2
-    cache_max_size: Size = 10 * 1024**3
-    strip_metadata: Flag = True
-    not_found_ttl: Annotated[float, number(0, 86400)] = 60.0
-    connect_timeout: Annotated[float, number(0.1, 600)] = 10.0
-    read_timeout: Annotated[float, number(0.1, 3600)] = 30.0
-    download_timeout: Annotated[float, number(1, 86400)] = 600.0
-    # Seconds a cached item is served before the homeserver is asked again whether it
-    # still serves it (quarantined or deleted media must stop); fractions for tests.
-    revalidate_after: Annotated[float, number(0.1, 86400)] = 300.0
-
-    @field_validator("cache_dir", mode="plain")
-    @classmethod
-    def _cache_dir(cls, value: object, info: ValidationInfo) -> Path:
-        return base_dir(info) / (value if isinstance(value, Path) else string(value))
-
-    @field_validator("cache_max_size")
-    @classmethod
-    def _holds_largest_file(cls, value: int, info: ValidationInfo) -> int:
-        max_size = info.data.get("max_size")
-        if max_size is not None and value < max_size:
-            # A file larger than the whole cache would be evicted as soon as it was written.
-            fail(f"must be at least media.max_size ({max_size} bytes)")
-        return value
-
-
-class ThumbnailConfig(Section):
-    max_side: Annotated[int, integer(1, 8192)] = 2048
-    max_pixels: Annotated[int, integer(1, 1_000_000_000)] = 32_000_000
 
 
 class SigningKeyConfig(Section):

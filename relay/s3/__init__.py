@@ -1,0 +1,1 @@
+"""The S3 protocol client of the shared media tier (``media.store``): aiobotocore, nothing else."""
