@@ -64,10 +64,15 @@ async def health(request: web.Request) -> web.Response:
 
 
 class Relay:
-    """One relay process. ``start()`` checks everything, then listens; ``stop()`` undoes it."""
+    """One relay process. ``start()`` checks everything, then listens; ``stop()`` undoes it.
 
-    def __init__(self, config: Config) -> None:
+    ``public_only``: a public worker (relay.app.workers) started by a primary that has
+    checked the homeserver already: the public listener and what it needs, nothing else.
+    """
+
+    def __init__(self, config: Config, *, public_only: bool = False) -> None:
         self.config = config
+        self.public_only = public_only
         self.metrics = Metrics()
         self._runners: list[web.AppRunner] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -96,7 +101,7 @@ class Relay:
             raise
 
     async def _start(self) -> None:
-        cfg = self.config
+        cfg, public_only = self.config, self.public_only
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, limit_per_host=50),
             headers={"User-Agent": "matrix-media-relay"},
@@ -113,7 +118,8 @@ class Relay:
         self.homeserver = HomeserverClient(
             self.session, cfg.homeserver.address, cfg.appservice.as_token
         )
-        await self._check_homeserver()
+        if not public_only:
+            await self._check_homeserver()
         self.rooms = RoomFollowUps(
             self.homeserver, self.store, self.outbox, self._purge, self._spawn
         )
@@ -174,14 +180,20 @@ class Relay:
         public.add_routes(media_server.routes())
         public.add_routes(stack.compat_routes)
 
-        self.internal_url = await self._listen(
-            internal, cfg.appservice.hostname, cfg.appservice.port
-        )
+        if not public_only:
+            self.internal_url = await self._listen(
+                internal, cfg.appservice.hostname, cfg.appservice.port
+            )
         limits = ConnectionLimits(
             cfg.public.header_timeout, cfg.public.send_timeout, cfg.public.max_connections
         )
         ensure_descriptors(limits)
-        self.public_url = await self._listen(public, cfg.public.hostname, cfg.public.port, limits)
+        self.public_url = await self._listen(
+            public, cfg.public.hostname, cfg.public.port, limits, reuse_port=cfg.public.workers > 1
+        )
+        if public_only:
+            log.info("public worker: public listener (signed media links) on %s", self.public_url)
+            return
         log.info("internal listener (homeserver and bridges) on %s", self.internal_url)
         log.info(
             "public listener (signed media links) on %s, links start with %s",
@@ -212,18 +224,25 @@ class Relay:
         )
 
     async def _listen(
-        self, app: web.Application, host: str, port: int, limits: ConnectionLimits | None = None
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        limits: ConnectionLimits | None = None,
+        *,
+        reuse_port: bool = False,
     ) -> str:
         """Serve ``app``; the public listener gets ``limits`` (relay.web.listener).
 
         No access log on either: a public path is a signed link, a capability.
+        ``reuse_port``: the port is shared with the other processes of public.workers.
         """
         extra = runner_args(limits) if limits is not None else {}
         runner = web.AppRunner(app, access_log=None, handle_signals=False, **extra)
         await runner.setup()
         self._runners.append(runner)
         site: web.BaseSite = (
-            LimitedSite(runner, host, port, limits, self.metrics)
+            LimitedSite(runner, host, port, limits, self.metrics, reuse_port=reuse_port)
             if limits is not None
             else web.TCPSite(runner, host, port)
         )

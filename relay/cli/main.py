@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import uvloop
+
 from relay import __version__
 from relay.app import Relay, stop_signals
+from relay.app.workers import PublicWorkers, supervised
 from relay.cli.audit import add_arguments as add_audit_arguments
 from relay.cli.audit import cmd_audit
 from relay.cli.common import load_config
@@ -150,6 +153,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="if this registration file does not exist, generate it and exit (for containers)",
     )
+    # A public worker of public.workers (relay.app.workers): started by the primary only.
+    p.add_argument("--public-worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -173,7 +178,27 @@ def cmd_generate_registration(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """How this ``run`` was started: what a public worker of it needs to be started alike."""
+
+    config_path: Path
+    debug: bool
+    public_worker: bool
+
+    def worker_command(self) -> list[str]:
+        debug = ["--debug"] if self.debug else []
+        config = str(self.config_path.absolute())
+        return [sys.executable, "-m", "relay", "run", "-c", config, *debug, "--public-worker"]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    launch = Launch(args.config, args.debug, args.public_worker)
+    if launch.public_worker:
+        # The primary created the files and filled the signing keys; a worker only reads.
+        config = load_config(args.config)
+        setup_logging(config.log_level, args.debug, config.logging.format)
+        return uvloop.run(serve_until_signalled(config, launch))
     if not args.config.exists() and args.create_missing:
         example = resources.files("relay").joinpath("config.example.yaml").read_bytes()
         # 0600 from the start: it will hold the appservice tokens and signing keys.
@@ -194,19 +219,45 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_NEEDS_SETUP
     config = load_config(args.config, fill_signing_keys=True)
     setup_logging(config.log_level, args.debug, config.logging.format)
-    return asyncio.run(serve_until_signalled(config))
+    return uvloop.run(serve_until_signalled(config, launch))
 
 
-async def serve_until_signalled(config: Config) -> int:
+async def serve_until_signalled(config: Config, launch: Launch | None = None) -> int:
+    """Run until SIGTERM/SIGINT: the relay, and its public workers (public.workers > 1)."""
+    if launch is not None and launch.public_worker:
+        return await _serve_public_worker(config)
     relay = Relay(config)
+    workers: PublicWorkers | None = None
     with stop_signals() as stop:
         try:
             await relay.start()
+            if config.public.workers > 1 and launch is not None:
+                # After the primary's own start-up: its errors are reported once, with
+                # their exit codes, and the workers find the database migrated.
+                workers = PublicWorkers(
+                    launch.worker_command(), config.public.workers - 1, relay.metrics
+                )
+                workers.start()
             log.info("relay %s running; SIGTERM or Ctrl-C stops it", __version__)
             await stop.wait()
             log.info("stopping")
         finally:
+            if workers is not None:
+                await workers.stop()
             await relay.stop()
+    return EXIT_OK
+
+
+async def _serve_public_worker(config: Config) -> int:
+    relay = Relay(config, public_only=True)
+    with stop_signals() as stop:
+        async with supervised(stop) as ready:
+            try:
+                await relay.start()
+                ready()
+                await stop.wait()
+            finally:
+                await relay.stop()
     return EXIT_OK
 
 

@@ -17,9 +17,9 @@ rather than the only defence (issue 13, finding 8). What aiohttp offers is used 
   drain, or the kernel's sendfile). Set on the listening socket, accepted sockets
   inherit it. The handler then sees the connection lost, and the cached file it held
   open is closed.
-- **at most** ``max_connections`` open at once: counted in the protocol factory, which
-  asyncio calls for each accepted socket; one over the cap gets a fixed 503 and is
-  closed before anything of it is read or parsed.
+- **at most** ``max_connections`` open at once, in each process (``public.workers``):
+  counted in the protocol factory, which asyncio calls for each accepted socket; one
+  over the cap gets a fixed 503 and is closed before anything of it is read or parsed.
 
 Errors that aiohttp logs for a connection (a malformed request line, a head too long)
 quote the request line, which holds a signed link: the public listener's connection
@@ -136,8 +136,11 @@ class LimitedSite(web.BaseSite):
         port: int,
         limits: ConnectionLimits,
         metrics: Metrics,
+        *,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner)
+        self._reuse_port = reuse_port
         self._limited_runner = runner
         self._host = host
         self._port = port
@@ -155,7 +158,14 @@ class LimitedSite(web.BaseSite):
         assert server is not None  # BaseSite refuses a runner that was not set up
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._factory(server), self._host, self._port, reuse_address=True
+            self._factory(server),
+            self._host,
+            self._port,
+            reuse_address=True,
+            # Several processes (public.workers) each bind the port; the kernel spreads
+            # new connections over them. Off otherwise, so that a second relay started
+            # on a busy port fails instead of silently taking half the connections.
+            reuse_port=self._reuse_port or None,
         )
         user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
         for sock in self._server.sockets:
