@@ -24,6 +24,7 @@ from relay.media.renditions import Renditions
 from relay.media.revocation import RevocationCheck
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
+from relay.store.leader import Leadership, leadership
 from relay.store.outbox import Outbox
 from relay.store.revocation_feed import RevocationFeed, revocation_feed
 from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
@@ -79,6 +80,7 @@ class Relay:
         self.session: aiohttp.ClientSession | None = None
         self.store: Store | None = None
         self.audit: AuditWriter | None = None
+        self.leader: Leadership | None = None
         self.outbox: Outbox | None = None
         self.rooms: RoomFollowUps | None = None
         self.homeserver: HomeserverClient | None = None
@@ -114,7 +116,12 @@ class Relay:
         self.outbox = Outbox(self._db)
         self.audit = AuditWriter(AuditTrail(self._db))
         self.audit.start()
-        self._spawn(AuditTrail(self._db).sweep_forever(cfg.signing.audit_retention))
+        # Cluster-wide jobs run in one process per database (relay.store.leader);
+        # more are registered with self.leader.add_job(name, coroutine function).
+        self.leader = leadership(self._db, on_change=self.metrics.cluster_leader.set)
+        trail, retention = AuditTrail(self._db), cfg.signing.audit_retention
+        self.leader.add_job("audit retention", lambda: trail.sweep_forever(retention))
+        self._spawn(self.leader.run())  # stop() cancels it: jobs stopped, lock released
         self.homeserver = HomeserverClient(
             self.session, cfg.homeserver.address, cfg.appservice.as_token
         )

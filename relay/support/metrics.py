@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -144,6 +145,12 @@ class Metrics:
         self.thumbnails_generated = Counter(
             "relay_thumbnails_generated",
             "Thumbnails rendered by the relay",
+            registry=r,
+        )
+        # Cluster (relay.store.leader)
+        self.cluster_leader = Gauge(
+            "relay_cluster_leader",
+            "1 while this process runs the cluster-wide jobs (audit retention, sweeps), else 0",
             registry=r,
         )
 
