@@ -116,12 +116,14 @@ class Relay:
         self.outbox = Outbox(self._db)
         self.audit = AuditWriter(AuditTrail(self._db))
         self.audit.start()
-        # Cluster-wide jobs run in one process per database (relay.store.leader);
+        # Cluster-wide jobs run in one process per database (relay.store.leader), one
+        # of the primaries (a public worker has no /metrics to show relay_cluster_leader);
         # more are registered with self.leader.add_job(name, coroutine function).
         self.leader = leadership(self._db, on_change=self.metrics.cluster_leader.set)
         trail, retention = AuditTrail(self._db), cfg.signing.audit_retention
         self.leader.add_job("audit retention", lambda: trail.sweep_forever(retention))
-        self._spawn(self.leader.run())  # stop() cancels it: jobs stopped, lock released
+        if not public_only:
+            self._spawn(self.leader.run())  # stop() cancels it: jobs stopped, lock released
         self.homeserver = HomeserverClient(
             self.session, cfg.homeserver.address, cfg.appservice.as_token
         )
