@@ -147,6 +147,19 @@ class Metrics:
             "Thumbnails rendered by the relay",
             registry=r,
         )
+        # Shared tier (media.store, relay.media.shared_tier)
+        self.tier_requests = Counter(
+            "relay_tier_requests",
+            "Shared object-store tier operations by op (get, put, purge, sweep) and outcome "
+            "(hit, miss, ok, error, skipped: the store failed less than a few seconds ago)",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.tier_evictions = Counter(
+            "relay_tier_evictions",
+            "Objects removed from the shared tier to stay under media.store.max_size",
+            registry=r,
+        )
         # Cluster (relay.store.leader)
         self.cluster_leader = Gauge(
             "relay_cluster_leader",

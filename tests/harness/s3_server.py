@@ -53,14 +53,18 @@ class S3Store:
     config: ObjectStoreConfig
     client: Any  # boto3 S3 client
 
-    def keys(self, under: str = "") -> list[str]:
-        """Every key in the bucket under ``under`` (the whole bucket by default)."""
-        keys: list[str] = []
+    def sizes(self, under: str = "") -> dict[str, int]:
+        """Every key in the bucket under ``under`` (the whole bucket by default): its size."""
+        sizes: dict[str, int] = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=self.config.bucket, Prefix=under
         ):
-            keys += [item["Key"] for item in page.get("Contents", ())]
-        return keys
+            sizes |= {item["Key"]: item["Size"] for item in page.get("Contents", ())}
+        return sizes
+
+    def listing(self, under: str = "") -> list[str]:
+        """Every key in the bucket under ``under``, sorted."""
+        return sorted(self.sizes(under))
 
     def read(self, key: str) -> tuple[bytes, dict[str, Any]]:
         """An object's bytes and its GetObject answer."""
@@ -146,7 +150,7 @@ def s3_store(s3_server: str) -> Iterator[S3Store]:
     try:
         yield S3Store(store_config(s3_server, bucket), client)
     finally:
-        keys = S3Store(store_config(s3_server, bucket), client).keys()
+        keys = S3Store(store_config(s3_server, bucket), client).listing()
         for start in range(0, len(keys), 1000):
             objects = [{"Key": key} for key in keys[start : start + 1000]]
             client.delete_objects(Bucket=bucket, Delete={"Objects": objects})
