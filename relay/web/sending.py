@@ -8,8 +8,8 @@ moves bytes. The file is opened *before* anything is sent, so a file evicted or
 purged between lookup and open is a miss the caller can retry, never a broken response.
 
 Opening and reading happen on the event loop: for a local file in the page cache an
-open, fstat and pread cost less than the hop to a worker thread, and ``loop.sendfile``
-itself calls ``sendfile(2)`` on the loop thread anyway.
+open, fstat and pread cost less than the hop to a worker thread, and ``sendfile(2)``
+runs on the loop thread anyway.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from relay.core.mxc import MediaId
 from relay.http.response import ResponsePlan
 from relay.support.metrics import Metrics
 from relay.upstream.errors import FetchError
+from relay.web.kernel_send import kernel_socket, send_range
 
 log = logging.getLogger(__name__)
 
@@ -86,46 +87,24 @@ async def send_file(
 ) -> bool:
     """Prepare ``response`` and send ``count`` bytes of ``fobj`` from ``offset``.
 
-    Returns True when the kernel sent them (``loop.sendfile`` on the socket), False
-    when they were copied through the response because the transport cannot do it
-    (TLS terminated in-process, or a platform without ``os.sendfile``). The caller
-    closes ``fobj``.
+    Returns True when the kernel sent them (``sendfile(2)`` into the socket:
+    :mod:`relay.web.kernel_send`), False when they were copied through the response
+    because the transport cannot do it (TLS terminated in-process, or a platform
+    without ``os.sendfile``). The caller closes ``fobj``.
     """
     await response.prepare(request)
     transport = request.transport
     if transport is None or transport.is_closing():
-        # (loop.sendfile would raise RuntimeError on a closing transport.)
         raise ConnectionResetError("client connection lost before the body")
-    loop = asyncio.get_running_loop()
-    zero_copy = True
+    sock_fd = kernel_socket(transport)
+    zero_copy = sock_fd is not None
     if count > 0:
-        try:
-            await loop.sendfile(transport, fobj, offset, count, fallback=False)
-        except (NotImplementedError, asyncio.SendfileNotAvailableError):
-            # asyncio reports a sendfile(2) that failed before its first byte as "not
-            # available", also when the cause was the client hanging up: that is the
-            # client leaving, not a reason to copy the file into a dead connection.
-            if _client_gone(transport):
-                raise ConnectionResetError("client left before the body") from None
-            zero_copy = False
+        if sock_fd is not None:
+            await send_range(transport, sock_fd, fobj, offset, count)
+        else:
             await _copy(response, fobj, offset, count)
     await response.write_eof()
     return zero_copy
-
-
-def _client_gone(transport: asyncio.Transport) -> bool:
-    if transport.is_closing():
-        return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        sock.getpeername()
-    except OSError:
-        # ENOTCONN: reset or closed by the peer. asyncio pauses reading during
-        # sendfile, so the transport itself has not noticed yet.
-        return True
-    return False
 
 
 async def _copy(response: web.StreamResponse, fobj: BinaryIO, offset: int, count: int) -> None:
