@@ -31,8 +31,8 @@ It reports:
     Target: 1.
 
 Every answer is checked (status, length, SHA-256 where a body is expected); a run with
-a non-2xx answer, a socket error or short bodies is INVALID and the exit code is 1.
-Missed targets are shown as FAIL but do not change the exit code (0). Needs ``wrk``
+a non-2xx answer, a socket error or short bodies is INVALID. The exit code is 1 for an
+invalid run or a missed target (FAIL), as for the other benchmarks. Needs ``wrk``
 and PostgreSQL (``RELAY_BENCH_POSTGRES_URL``, default postgres@127.0.0.1:5432).
 Takes about 80 s with the defaults.
 """
@@ -303,7 +303,8 @@ def report(
     latencies: tuple[list[float], list[float]],
     downloads: int,
     cold: int,
-) -> None:
+) -> bool:
+    """Print the tables; whether every target was met."""
     best = {name: max(rs, key=lambda t: t.run.requests_per_second) for name, rs in runs.items()}
     one, two = best["1 process"], best["2 processes"]
     print()
@@ -319,17 +320,20 @@ def report(
     cpu_ratio = two.cpu_ms_per_request / max(one.cpu_ms_per_request, 1e-9)
     print(f"    2 processes / 1: req/s {scaling:.2f}x (target >= {TARGET_SCALING}x "
           f"{verdict(scaling >= TARGET_SCALING)}), CPU per request {cpu_ratio:.2f}x")  # fmt: skip
+    met = [scaling >= TARGET_SCALING, downloads == 1]
     print()
     print(f"{'(b) revocation, seen by':<34} {'median':>8} {'p95':>7} {'max':>10}  (ms, "
           f"n={len(latencies[0])})")  # fmt: skip
     for name, values in (("A (1 process)", latencies[0]), ("B (2 processes)", latencies[1])):
         median, p95, worst = ms_summary(values)
         ok = median < TARGET_MEDIAN_MS and worst < TARGET_MAX_MS
+        met.append(ok)
         print(f"{'    ' + name:<34} {median:>8.1f} {p95:>7.1f} {worst:>10.1f}  {verdict(ok)}")
     print()
     print(f"(c) {cold} cold requests over 3 processes sharing a cache_dir: "
           f"{downloads} upstream download(s), {cold / max(downloads, 1):.0f} requests per "
           f"download (target 1 download {verdict(downloads == 1)})")  # fmt: skip
+    return all(met)
 
 
 # ---------------------------------------------------------------- main
@@ -388,7 +392,7 @@ async def bench(args: argparse.Namespace, wrk: str, workdir: Path, database: str
             cold_id = parse_mxc(mxcs["cold"]).media_id
             wrong = await cold_burst(c.link(mxcs["cold"]), digests["cold"], args.cold_requests)
             problems += [f"cold request: {w}" for w in wrong]
-        report(runs, latencies, proxy.downloads.get(cold_id, 0), args.cold_requests)
+        met = report(runs, latencies, proxy.downloads.get(cold_id, 0), args.cold_requests)
         print(f"total time {time.monotonic() - started:.0f} s")
     finally:
         await proxy.close()
@@ -396,7 +400,7 @@ async def bench(args: argparse.Namespace, wrk: str, workdir: Path, database: str
     if problems:
         print("INVALID: " + "; ".join(problems))
         return 1
-    return 0
+    return 0 if met else 1
 
 
 async def run(args: argparse.Namespace, wrk: str) -> int:
