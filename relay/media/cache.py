@@ -19,6 +19,13 @@ A stripped original reserves its source's size before it is written; thumbnails 
 counted when committed (at most two are made at once, each bounded by the render
 budget). Unlinked files still open for a reader keep their blocks until closed
 (POSIX), which no accounting in this process can see.
+
+Several relay processes may share one ``root``: each writes in a ``work/`` directory of
+its own (locked for its life, so a start-up scan never removes a live process's files),
+a lookup that misses the index looks for an entry another process committed (one
+open of its sidecar, on a miss only) and adopts it, a purge removes every variant on
+disk whoever wrote it, and :mod:`relay.media.cache_sweep` keeps the whole directory
+under ``max_bytes``. The byte budget of files in flight stays per process.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from pathlib import Path
 
 from relay.media import cache_layout as layout
 from relay.media.cache_layout import CacheEntry, CacheKey
+from relay.media.cache_sweep import SWEEP_INTERVAL, Sweeper
+from relay.support.file_lock import FileLock
 from relay.support.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -139,21 +148,35 @@ class CacheWriter:
 class MediaCache:
     """Size-capped LRU cache of media files under ``root``."""
 
-    def __init__(self, root: Path, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        metrics: Metrics,
+        *,
+        sweep_interval: float = SWEEP_INTERVAL,
+    ) -> None:
         self.root = Path(root).resolve()
         self.max_bytes = max_bytes
         self._metrics = metrics
+        self._work: FileLock | None = None  # this process's work/ directory, locked
+        self._sweeper = Sweeper(self.root, max_bytes, interval=sweep_interval)
+        self._sweep: asyncio.Task[list[Path]] | None = None
         self._index: OrderedDict[str, _Item] = OrderedDict()  # digest → item, LRU first
         self._by_media: dict[tuple[str, str], set[str]] = {}
         self._writers: set[CacheWriter] = set()
         self.total_bytes = 0
-        # Bytes reserved for files being written in tmp/ (not yet committed).
+        # Bytes reserved for files being written in work/ (not yet committed).
         self.pending_bytes = 0
 
     # -- start-up -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Scan existing entries, remove stray temporary files, rebuild the LRU index."""
+        """Take a work directory, scan existing entries (removing only what no live
+        process can be writing), rebuild the LRU index."""
+        if self._work is None:
+            await asyncio.to_thread(layout.prepare, self.root)
+            self._work = await asyncio.to_thread(layout.new_work_dir, self.root)
         items = [
             _Item(key, entry, touched)
             for key, entry, touched in await asyncio.to_thread(layout.scan, self.root)
@@ -169,21 +192,30 @@ class MediaCache:
             "media cache: %d entries, %d bytes in %s", len(self._index), self.total_bytes, self.root
         )
 
+    async def close(self) -> None:
+        """Wait for a sweep under way; give up the sweep lock and the work directory."""
+        if self._sweep is not None:
+            with contextlib.suppress(Exception):
+                await self._sweep
+        self._sweeper.close()
+        if self._work is not None:
+            with contextlib.suppress(OSError):  # not empty: the next start-up scan's
+                self._work.release(remove=True)
+            self._work = None
+
+    @property
+    def work_dir(self) -> Path:
+        """This process's directory for files being written."""
+        if self._work is None:
+            raise RuntimeError("media cache not started")
+        return self._work.path
+
     # -- lookups ------------------------------------------------------------------------
 
     def lookup(self, key: CacheKey) -> CacheEntry | None:
         """The complete entry for ``key`` (counted as hit or miss, marked recently used)."""
         digest = key.digest()
-        item = self._index.get(digest)
-        if item is not None:
-            try:
-                size = item.entry.path.stat().st_size
-            except OSError:
-                size = -1
-            if size != item.entry.length:
-                # Removed or truncated behind our back: forget it, it is a miss.
-                self._drop(digest, unlink=True)
-                item = None
+        item = self._find(key, digest)
         if item is None:
             self._metrics.cache_misses.inc()
             return None
@@ -195,6 +227,37 @@ class MediaCache:
                 os.utime(item.entry.path, (now, now))
         self._metrics.cache_hits.inc()
         return item.entry
+
+    def peek(self, key: CacheKey) -> CacheEntry | None:
+        """Like :meth:`lookup`, but neither counted nor marked used (a download checking
+        whether another process committed meanwhile)."""
+        item = self._find(key, key.digest())
+        return None if item is None else item.entry
+
+    def _find(self, key: CacheKey, digest: str) -> _Item | None:
+        """The index's item, checked on disk (one stat); on a miss, the entry another
+        process committed (one open of its sidecar), adopted into the index."""
+        item = self._index.get(digest)
+        if item is not None:
+            try:
+                size = item.entry.path.stat().st_size
+            except OSError:
+                size = -1
+            if size != item.entry.length:
+                # Removed (evicted by another process's sweep, purged) or rewritten
+                # behind our back: forget it; the disk may hold a newer entry.
+                self._drop(digest, unlink=False)
+                item = None
+        if item is None:
+            found = layout.read_entry(self.root, key)
+            if found is None:
+                return None
+            item = _Item(key, found[0], found[1])
+            self._add(item)
+            self._evict(protect=digest)
+            if digest not in self._index:
+                return None  # larger than the whole cache
+        return item
 
     def oldest(self, server_name: str, media_id: str) -> float | None:
         """The ``created_at`` of the oldest entry of a media item (any variant), or None.
@@ -216,8 +279,8 @@ class MediaCache:
     # -- writing ------------------------------------------------------------------------
 
     def new_temp_path(self) -> Path:
-        """A fresh path in the cache's temporary directory (same file system as entries)."""
-        return layout.temp_path(self.root)
+        """A fresh path in this process's work directory (same file system as entries)."""
+        return layout.temp_path(self.root, self.work_dir)
 
     def reserve(self, nbytes: int, *, keep: CacheKey | None = None) -> None:
         """Count ``nbytes`` more about to be written in ``tmp/`` against ``max_bytes``,
@@ -235,6 +298,7 @@ class MediaCache:
             raise CacheFull("media cache is full of downloads in progress")
         self.pending_bytes += nbytes
         self._evict(protect=None, keep=None if keep is None else keep.digest())
+        self._maybe_sweep()
 
     def release(self, nbytes: int) -> None:
         """Give back a reservation (the file was committed, or removed)."""
@@ -254,7 +318,7 @@ class MediaCache:
     ) -> CacheEntry | None:
         key = writer.key
         digest = key.digest()
-        body = layout.entry_path(self.root, digest)
+        body = layout.entry_path(self.root, key)
         entry = CacheEntry(
             path=body,
             content_type=content_type,
@@ -280,24 +344,45 @@ class MediaCache:
             self._drop(digest, unlink=False)
         self._add(_Item(key, entry, entry.created_at))
         self._evict(protect=digest)
+        self._maybe_sweep()
         return entry
 
     # -- removal ------------------------------------------------------------------------
 
     async def purge(self, server_name: str, media_id: str) -> int:
-        """Remove every variant of a media item (revocation); returns how many were removed.
+        """Remove every variant of a media item on disk, whoever wrote it (revocation);
+        returns how many were removed.
 
-        Downloads of it still under way are marked so they are never committed.
+        Downloads of it still under way here are marked so they are never committed;
+        another process's writers are its own purge's (it receives the revocation too).
         """
         for writer in self._writers:
             if (writer.key.server_name, writer.key.media_id) == (server_name, media_id):
                 writer.purged = True
-        digests = list(self._by_media.get((server_name, media_id), ()))
-        paths = [self._index[d].entry.path for d in digests]
-        for digest in digests:
+        for digest in list(self._by_media.get((server_name, media_id), ())):
             self._drop(digest, unlink=False)
-        await asyncio.to_thread(layout.unlink_entries, paths)
-        return len(digests)
+        removed = await asyncio.to_thread(layout.remove_media, self.root, server_name, media_id)
+        return len(removed)
+
+    def _maybe_sweep(self) -> None:
+        """Start a sweep of the whole directory (every process's entries) when one is due."""
+        if (self._sweep is not None and not self._sweep.done()) or not self._sweeper.due():
+            return
+        self._sweep = asyncio.create_task(asyncio.to_thread(self._sweeper.run), name="sweep")
+        self._sweep.add_done_callback(self._swept)
+
+    def _swept(self, task: asyncio.Task[list[Path]]) -> None:
+        if task.cancelled():
+            return
+        if (error := task.exception()) is not None:
+            log.warning("media cache: sweep failed: %s", error)
+            return
+        for path in task.result():
+            # Bodies are named <media>-<variant digest>: forget what the sweep removed.
+            digest = path.name.rpartition("-")[2]
+            if digest in self._index:
+                self._drop(digest, unlink=False)
+                self._metrics.cache_evictions.inc()
 
     def _evict(self, protect: str | None, *, keep: str | None = None) -> None:
         """Drop least-recently-used entries until under ``max_bytes``, but not ``keep``."""
@@ -314,6 +399,9 @@ class MediaCache:
             if self.total_bytes + self.pending_bytes <= self.max_bytes:
                 return
             if digest in (protect, keep):
+                continue
+            if not self._index[digest].entry.path.exists():
+                self._drop(digest, unlink=False)  # another process's sweep took it
                 continue
             self._drop(digest, unlink=True)
             self._metrics.cache_evictions.inc()

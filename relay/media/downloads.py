@@ -11,6 +11,13 @@ stop.
 Encrypted attachments cannot be streamed: no plaintext may leave before the
 ciphertext hash is checked, so their download fetches, verifies, decrypts into the
 cache, and only then lets its waiters read the finished file.
+
+Across relay processes sharing the cache directory, a download is also one:
+:mod:`relay.media.shared_download` gives it to the process holding the key's lock; the
+flights of the others follow that process's growing file the same way.
+
+A local miss asks the shared tier (``media.store``, :mod:`relay.media.tiers`) before
+the homeserver, and what came from the homeserver is copied up in the background.
 """
 
 from __future__ import annotations
@@ -19,13 +26,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import weakref
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Protocol
+from collections.abc import Callable
 
 from relay.core.mxc import InvalidMxc, MediaId, is_canonical_server_name, is_valid_media_id
 from relay.core.variant import variant_key
+from relay.media import shared_download as shared
 from relay.media.attachments import (
     AttachmentDecryptor,
     EncryptionLike,
@@ -34,194 +39,48 @@ from relay.media.attachments import (
 )
 from relay.media.cache import CacheWriter, MediaCache
 from relay.media.cache_layout import CacheEntry, CacheKey
+from relay.media.download_flight import (
+    DEFAULT_CONTENT_TYPE,
+    READ_CHUNK,
+    Download,
+    FileBody,
+    MediaBody,
+    Purged,
+    StreamingBody,
+    read_head,
+)
+from relay.media.tiers import SharedTier, TierObject
 from relay.support.metrics import Metrics
-from relay.support.singleflight import Flight, SingleFlight
-from relay.upstream.errors import FetchError, UpstreamError, UpstreamNotFound
+from relay.support.singleflight import SingleFlight
 from relay.upstream.fetcher import MediaFetcher
+from relay.upstream.response import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 256 * 1024
-# Leading bytes a caller sees before choosing to stream (magic numbers; thumbnails.SNIFF_BYTES).
-HEAD_BYTES = 16
-DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# Copies up to the shared tier at once; more are skipped (the next miss elsewhere
+# downloads again), so a burst of cold media never queues behind a slow store.
+MAX_TIER_PUTS = 8
 
-
-class Purged(UpstreamNotFound):
-    """The media was purged (revoked) while being made: nothing of it was kept."""
-
-
-class MediaBody(Protocol):
-    """A media body that can be streamed or sent as a file."""
-
-    content_type: str
-    length: int | None
-    sha256: str | None
-    filename: str | None
-    # Set when the body is a complete cached file (serve it with sendfile, Range OK).
-    path: Path | None
-
-    def iter_chunks(self) -> AsyncIterator[bytes]:
-        """The body bytes; used when ``path`` is None."""
-        ...
-
-
-class FileBody:
-    """A complete cached file.
-
-    ``iter_chunks`` raises FileNotFoundError when the file was evicted or purged
-    since the lookup: the server should treat that as a miss and ask again.
-    """
-
-    def __init__(self, entry: CacheEntry) -> None:
-        self.entry = entry
-        self.content_type = entry.content_type
-        self.length: int | None = entry.length
-        self.sha256: str | None = entry.sha256
-        self.filename = entry.filename
-        self.path: Path | None = entry.path
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        fd = await asyncio.to_thread(os.open, self.entry.path, os.O_RDONLY)
-        try:
-            offset = 0
-            while True:
-                data = await asyncio.to_thread(os.pread, fd, READ_CHUNK, offset)
-                if not data:
-                    return
-                offset += len(data)
-                yield data
-        finally:
-            os.close(fd)
-
-
-class _Download(Flight[CacheEntry]):
-    """One download shared by every request for the same cache key; readers follow its file."""
-
-    def __init__(
-        self, source: MediaSource, key: CacheKey, media: MediaId, encryption: EncryptionLike | None
-    ) -> None:
-        self._source = source
-        self.key = key
-        self.media = media
-        self.encryption = encryption
-        self.content_type = DEFAULT_CONTENT_TYPE
-        self.length: int | None = None
-        self.filename: str | None = None
-        self.writer: CacheWriter | None = None
-        self.written = 0
-        # Set once the temporary file is being renamed: late joiners wait for the entry.
-        self.committing = False
-        self.done = False
-        self.error: BaseException | None = None
-        self.headers_ready = asyncio.Event()
-        self._progress = asyncio.Event()
-
-    def progress(self, written: int) -> None:
-        self.written = written
-        self._progress.set()
-        self._progress = asyncio.Event()
-
-    async def wait_progress(self) -> None:
-        await self._progress.wait()
-
-    async def head(self) -> bytes:
-        """The first HEAD_BYTES of the body (fewer if it is shorter), once they are written.
-
-        Empty when the file was already renamed into the cache (the caller then waits
-        for the entry instead of streaming); raises the download's error.
-        """
-        while self.written < HEAD_BYTES and not self.done:
-            await self.wait_progress()
-        if self.error is not None:
-            raise self.error
-        writer = self.writer
-        if writer is None or self.committing:
-            return b""
-        try:
-            return await asyncio.to_thread(read_head, writer.path)
-        except FileNotFoundError:
-            return b""
-
-    async def result(self) -> CacheEntry:
-        try:
-            return await super().result()
-        except asyncio.CancelledError:
-            if self.task.cancelled() and self.error is not None:
-                raise self.error from None  # the relay is stopping, not this caller
-            raise
-
-    async def work(self) -> CacheEntry:
-        """Own the download; every outcome wakes the readers (they re-raise a failure)."""
-        try:
-            return await self._source._download(self)
-        except Purged:
-            # Readers already streaming got every byte: they finish; nothing is kept.
-            raise
-        except asyncio.CancelledError:
-            self.error = UpstreamError("the relay is shutting down", status=503)
-            raise
-        except Exception as e:
-            if isinstance(e, FetchError):
-                log.info("download of %s failed: %s: %s", self.media, type(e).__name__, e)
-            else:
-                log.warning("download of %s failed", self.media, exc_info=True)
-            self.error = e
-            raise
-        finally:
-            self.done = True
-            self.headers_ready.set()
-            self._progress.set()
-
-
-class StreamingBody:
-    """The body of a download in progress, read from its growing temporary file."""
-
-    path: Path | None = None
-    sha256: str | None = None
-
-    def __init__(self, flight: _Download, temp_path: Path) -> None:
-        self._flight = flight
-        self.content_type = flight.content_type
-        self.length = flight.length
-        self.filename = flight.filename
-        # Opened now, while the flight is known to be writing this file; an fd keeps
-        # reading valid after the rename (or an unlink on failure).
-        fd = os.open(temp_path, os.O_RDONLY)
-        self._fd = fd
-        self._close = weakref.finalize(self, os.close, fd)
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        flight = self._flight
-        offset = 0
-        try:
-            while True:
-                available = flight.written
-                if offset < available:
-                    want = min(READ_CHUNK, available - offset)
-                    data = await asyncio.to_thread(os.pread, self._fd, want, offset)
-                    if not data:
-                        raise UpstreamError("cache file shrank while streaming")
-                    offset += len(data)
-                    yield data
-                    continue
-                if flight.error is not None:
-                    raise flight.error
-                if flight.done:
-                    return
-                await flight.wait_progress()
-        finally:
-            self._close()
+__all__ = ["FileBody", "MediaBody", "MediaSource", "Purged", "StreamingBody", "read_head"]
 
 
 class MediaSource:
     """Opens originals for the pipeline: a cached file, or a download shared by all."""
 
-    def __init__(self, fetcher: MediaFetcher, cache: MediaCache, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        fetcher: MediaFetcher,
+        cache: MediaCache,
+        metrics: Metrics,
+        *,
+        tier: SharedTier | None = None,
+    ) -> None:
         self.fetcher = fetcher
         self.cache = cache
+        self.tier = tier
         self._metrics = metrics
-        self._downloads: SingleFlight[CacheKey, _Download] = SingleFlight("fetch")
+        self._downloads: SingleFlight[CacheKey, Download] = SingleFlight("fetch")
+        self._tier_puts: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def cache_key(media: MediaId, encryption: EncryptionLike | None = None) -> CacheKey:
@@ -262,11 +121,9 @@ class MediaSource:
             if download.error is not None:
                 raise download.error
             head = await download.head()
-            writer = download.writer
-            in_progress = not download.done and not download.committing
-            if writer is not None and in_progress and not whole_if(download.content_type, head):
+            if download.streamable and not whole_if(download.content_type, head):
                 # No await between this check and the open inside StreamingBody.
-                return StreamingBody(download, writer.path)
+                return StreamingBody(download)
         return FileBody(await download.result())
 
     async def open_file(
@@ -289,11 +146,25 @@ class MediaSource:
         self._downloads.detach(lambda key: (key.server_name, key.media_id) == item)
         removed = await self.cache.purge(media.server_name, media.media_id)
         log.info("purged %d cached renditions of %s", removed, media)
+        if self.tier is not None:
+            try:
+                in_tier = await self.tier.purge(media.server_name, media.media_id)
+            except Exception:
+                log.warning("purging %s from the shared tier failed", media, exc_info=True)
+                raise
+            log.info("purged %d renditions of %s from the shared tier", in_tier, media)
 
     async def close(self) -> None:
-        """Cancel downloads under way (their waiters get an UpstreamError)."""
+        """Cancel downloads under way (their waiters get an UpstreamError) and copies
+        up to the shared tier; release the cache's work directory."""
         await self._downloads.close()
+        for task in list(self._tier_puts):
+            task.cancel()
+        for task in list(self._tier_puts):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.fetcher.close()
+        await self.cache.close()
 
     @property
     def downloads_in_progress(self) -> int:
@@ -301,22 +172,49 @@ class MediaSource:
 
     # -- downloads ----------------------------------------------------------------------
 
-    def _join(
-        self, key: CacheKey, media: MediaId, encryption: EncryptionLike | None
-    ) -> _Download:
+    def _join(self, key: CacheKey, media: MediaId, encryption: EncryptionLike | None) -> Download:
         joined = self._downloads.joined
-        download = self._downloads.join(key, lambda: _Download(self, key, media, encryption))
+        download = self._downloads.join(
+            key, lambda: Download(self._download, key, media, encryption)
+        )
         if self._downloads.joined != joined:
             self._metrics.coalesced_waiters.inc()
         return download
 
-    async def _download(self, download: _Download) -> CacheEntry:
+    async def _download(self, download: Download) -> CacheEntry:
+        """This process's download of the key, or the one of the process that has it."""
+        key = download.key
+        claim = shared.try_claim(self.cache.root, key)
+        if claim is None:
+            followed = await shared.follow(
+                self.cache.root,
+                key,
+                lambda: self.cache.peek(key),
+                download,
+                stream=download.encryption is None,
+            )
+            if isinstance(followed, CacheEntry):
+                return followed
+            claim = followed  # its owner went away before we read its file: ours now
+        try:
+            entry = self.cache.peek(key)  # committed between our miss and the lock
+            if entry is not None:
+                return entry
+            return await self._own(download, claim)
+        except BaseException as e:
+            claim.fail(e)
+            raise
+        finally:
+            claim.release()
+
+    async def _own(self, download: Download, claim: shared.Claim) -> CacheEntry:
         # Begun before the first byte, so a purge at any point marks it (cache.purge).
         writer = self.cache.begin(download.key)
         download.writer = writer
+        from_homeserver = True
         try:
             if download.encryption is None:
-                await self._stream_into(download, writer)
+                from_homeserver = await self._stream_into(download, writer, claim)
             else:
                 await self._decrypt_into(writer, download.media, download.encryption)
             download.committing = True
@@ -326,17 +224,66 @@ class MediaSource:
             raise
         if entry is None:
             raise Purged(f"{download.media} was purged while downloading")
+        if from_homeserver:
+            self._copy_up(download.key, entry)
         return entry
 
-    async def _stream_into(self, download: _Download, writer: CacheWriter) -> None:
+    async def _stream_into(
+        self, download: Download, writer: CacheWriter, claim: shared.Claim
+    ) -> bool:
+        """Stream the body in from the shared tier, else the homeserver; True for the
+        homeserver."""
+        tier = self.tier
+        if tier is not None and tier.holds(download.key):
+            obj = await tier.get(download.key)
+            if obj is not None:
+                try:
+                    await self._write_body(download, writer, claim, obj)
+                finally:
+                    await obj.close()
+                return False
         async with self.fetcher.open(download.media) as upstream:
-            download.content_type = upstream.content_type or DEFAULT_CONTENT_TYPE
-            download.length = upstream.content_length
-            download.filename = upstream.filename
-            download.headers_ready.set()
-            async for chunk in upstream.iter_chunks():
-                await writer.write(chunk)
-                download.progress(writer.written)
+            await self._write_body(download, writer, claim, upstream)
+        return True
+
+    async def _write_body(
+        self,
+        download: Download,
+        writer: CacheWriter,
+        claim: shared.Claim,
+        body: UpstreamResponse | TierObject,
+    ) -> None:
+        download.content_type = body.content_type or DEFAULT_CONTENT_TYPE
+        download.length = body.content_length
+        download.filename = body.filename
+        claim.announce(writer.path, download.content_type, download.length, download.filename)
+        download.headers_ready.set()
+        async for chunk in body.iter_chunks():
+            await writer.write(chunk)
+            download.progress(writer.written)
+
+    def _copy_up(self, key: CacheKey, entry: CacheEntry) -> None:
+        """Copy a committed download to the shared tier in the background (bounded)."""
+        if self.tier is None or not self.tier.holds(key):
+            return
+        if len(self._tier_puts) >= MAX_TIER_PUTS:
+            log.debug("shared tier: %d copies under way; not copying %s", MAX_TIER_PUTS, key)
+            return
+        task = asyncio.create_task(self._put(self.tier, key, entry), name=f"tier put {key}")
+        self._tier_puts.add(task)
+        task.add_done_callback(self._tier_puts.discard)
+
+    @staticmethod
+    async def _put(tier: SharedTier, key: CacheKey, entry: CacheEntry) -> None:
+        try:
+            await tier.put(key, entry)
+        except Exception:
+            log.warning(
+                "copying %s/%s up to the shared tier failed",
+                key.server_name,
+                key.media_id,
+                exc_info=True,
+            )
 
     async def _decrypt_into(
         self, writer: CacheWriter, media: MediaId, encryption: EncryptionLike
@@ -370,12 +317,6 @@ class MediaSource:
             with contextlib.suppress(FileNotFoundError):
                 ciphertext.unlink()
             self.cache.release(reserved)
-
-
-def read_head(path: Path) -> bytes:
-    """The first HEAD_BYTES of a file (what magic numbers are read from)."""
-    with path.open("rb") as f:
-        return f.read(HEAD_BYTES)
 
 
 def _write_and_hash(fd: int, data: bytes, decryptor: AttachmentDecryptor) -> None:

@@ -83,7 +83,7 @@ class World:
         return entry
 
     def temp_files(self) -> list[Path]:
-        return list((self.cache.root / "tmp").iterdir())
+        return list(self.cache.work_dir.iterdir())
 
     async def render_started(self) -> None:
         """Wait until a render has opened its cache writer (its temporary file exists)."""
