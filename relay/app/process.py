@@ -14,6 +14,7 @@ from aiohttp import web
 
 from relay.app.media import build_media
 from relay.app.rooms import RoomFollowUps
+from relay.app.workers import PublicWorkers, merged_exposition
 from relay.config.settings import Config
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_HOMESERVER, StartupError
 from relay.core.ingest_plan import RoomPolicy
@@ -74,6 +75,8 @@ class Relay:
     def __init__(self, config: Config, *, public_only: bool = False) -> None:
         self.config = config
         self.public_only = public_only
+        # A primary's public workers (set by whoever starts them): /metrics shows theirs too.
+        self.public_workers: PublicWorkers | None = None
         self.metrics = Metrics()
         self._runners: list[web.AppRunner] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -263,7 +266,12 @@ class Relay:
         return f"http://{shown}:{port}"
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), content_type="text/plain")
+        body = self.metrics.render()
+        if self.public_workers is not None:
+            # One scrape for every process of public.workers, each series labelled.
+            workers = await self.public_workers.scrape()
+            body = merged_exposition([("primary", body), *workers])
+        return web.Response(body=body, content_type="text/plain")
 
     async def _ready(self, request: web.Request) -> web.Response:
         """200 when the database answers and the homeserver accepts our token, else 503."""

@@ -237,6 +237,7 @@ async def serve_until_signalled(config: Config, launch: Launch | None = None) ->
                 workers = PublicWorkers(
                     launch.worker_command(), config.public.workers - 1, relay.metrics
                 )
+                relay.public_workers = workers
                 workers.start()
             log.info("relay %s running; SIGTERM or Ctrl-C stops it", __version__)
             await stop.wait()
@@ -251,7 +252,7 @@ async def serve_until_signalled(config: Config, launch: Launch | None = None) ->
 async def _serve_public_worker(config: Config) -> int:
     relay = Relay(config, public_only=True)
     with stop_signals() as stop:
-        async with supervised(stop) as ready:
+        async with supervised(stop, relay.metrics.render) as ready:
             try:
                 await relay.start()
                 ready()

@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.core.exit_codes import EXIT_CONFIG, EXIT_OK
 from relay.devtools.local_synapse import LocalSynapse, free_ports
@@ -118,16 +119,28 @@ async def stop(cluster: Cluster) -> int:
     return cluster.process.returncode
 
 
+@pytest.fixture(params=["postgres"])
+def cluster_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """PostgreSQL (recommended with workers), or SQLite (WAL) where a test asks for both."""
+    if request.param == "sqlite":
+        return f"sqlite:{tmp_path / 'relay.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+BOTH_DATABASES = pytest.mark.parametrize("cluster_database", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest_asyncio.fixture
 async def cluster(
     synapse: LocalSynapse,
     relay_registration: RelayRegistration,
-    postgres_url: str,
+    cluster_database: str,
     tmp_path: Path,
 ) -> AsyncIterator[Cluster]:
-    """Two processes (the primary and one public worker) on a fresh PostgreSQL database."""
+    """Two processes (the primary and one public worker) on a fresh database."""
     cluster = await start_cluster(
-        synapse, relay_registration, postgres_url, tmp_path / "cluster", workers=2
+        synapse, relay_registration, cluster_database, tmp_path / "cluster", workers=2
     )
     try:
         await running(cluster, 1)
@@ -214,6 +227,21 @@ async def one_to_each(port: int, pids: list[int], *, attempts: int = 64) -> list
     return list(chosen.values())
 
 
+async def scraped(
+    session: aiohttp.ClientSession, cluster: Cluster, sample: str
+) -> dict[tuple[tuple[str, str], ...], float]:
+    """The values of one sample on the primary's /metrics, by their sorted labels."""
+    async with session.get(f"http://127.0.0.1:{cluster.internal_port}/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample
+    }
+
+
 def gone(pid: int) -> bool:
     """No such process, or only a zombie left (it exited; its reaper has not run yet)."""
     try:
@@ -242,17 +270,18 @@ async def _posted_link(
     return path, data, mxc, relay.config.public.port
 
 
+@BOTH_DATABASES
 async def test_two_processes_answer_on_one_port(
     cluster: Cluster,
     start_relay: StartRelay,
     make_config: MakeConfig,
-    postgres_url: str,
+    cluster_database: str,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
 ) -> None:
     """workers: 2 is two processes accepting on one port; each serves the signed link."""
     path, data, _, _ = await _posted_link(
-        start_relay, make_config, postgres_url, alice, http_session
+        start_relay, make_config, cluster_database, alice, http_session
     )
     [(number, worker)] = cluster.workers()
     assert number == 1 and worker != cluster.process.pid
@@ -265,6 +294,12 @@ async def test_two_processes_answer_on_one_port(
     finally:
         for conn in conns:
             conn.close()
+    # /metrics (the primary's) has each process's own count of what it served.
+    served = await scraped(http_session, cluster, "relay_served_requests_total")
+    assert served == {
+        (("process", "primary"), ("status", "200")): 3.0,
+        (("process", "worker-1"), ("status", "200")): 3.0,
+    }
     # The worker has no internal listener: only the primary's port answers there.
     log = cluster.log()
     assert log.count("internal listener (homeserver and bridges) on") == 1
@@ -275,13 +310,13 @@ async def test_a_killed_worker_is_restarted(
     cluster: Cluster,
     start_relay: StartRelay,
     make_config: MakeConfig,
-    postgres_url: str,
+    cluster_database: str,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
 ) -> None:
     """SIGKILL of a worker: logged, counted, a new worker listens; the port keeps answering."""
     path, data, _, _ = await _posted_link(
-        start_relay, make_config, postgres_url, alice, http_session
+        start_relay, make_config, cluster_database, alice, http_session
     )
     [(_, first)] = cluster.workers()
     os.kill(first, signal.SIGKILL)
@@ -293,9 +328,8 @@ async def test_a_killed_worker_is_restarted(
     [_, (number, second)] = cluster.workers()
     assert number == 1 and second != first and gone(first)
     assert "public worker 1 exited (signal SIGKILL)" in cluster.log()
-    metrics_url = f"http://127.0.0.1:{cluster.internal_port}/metrics"
-    async with http_session.get(metrics_url) as resp:
-        assert "relay_public_worker_restarts_total 1.0" in await resp.text()
+    restarts = await scraped(http_session, cluster, "relay_public_worker_restarts_total")
+    assert restarts == {(("process", "primary"),): 1.0}
     conns = await one_to_each(cluster.public_port, [cluster.process.pid, second])
     try:
         for conn in conns:
@@ -351,17 +385,18 @@ async def test_one_worker_still_refuses_a_busy_port(
     assert f"media-relay: error: cannot listen on 127.0.0.1:{port}" in busy.log()
 
 
+@BOTH_DATABASES
 async def test_revoke_is_honoured_by_every_process(
     cluster: Cluster,
     start_relay: StartRelay,
     make_config: MakeConfig,
-    postgres_url: str,
+    cluster_database: str,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
 ) -> None:
     """``media-relay revoke``: within 1 s both processes answer 410 on connections they hold."""
     path, data, mxc, _ = await _posted_link(
-        start_relay, make_config, postgres_url, alice, http_session
+        start_relay, make_config, cluster_database, alice, http_session
     )
     [(_, worker)] = cluster.workers()
     conns = await one_to_each(cluster.public_port, [cluster.process.pid, worker])
