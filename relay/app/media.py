@@ -6,6 +6,7 @@ starts last so a failure before it leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,9 @@ from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
 from relay.media.revalidation import Revalidator
 from relay.media.revocation import RevocationCheck
+from relay.media.shared_tier import BucketTier
 from relay.media.thumbnails import ThumbnailLimits
+from relay.s3.bucket import S3Error
 from relay.store import Store
 from relay.store.audit import AuditWriter
 from relay.support.metrics import Metrics
@@ -35,6 +38,8 @@ from relay.web.bridge_api import BridgeAPI
 from relay.web.compat import CompatServer, SeenCheck
 from relay.web.legacy_media import LegacyMedia
 from relay.web.public import MediaServer
+
+log = logging.getLogger(__name__)
 
 # A revalidation holds the requests for its item while it runs: never for long.
 PROBE_TIMEOUT = 10.0
@@ -58,6 +63,8 @@ class MediaStack:
     bridge_api: BridgeAPI
     # Links bridges mint themselves (compat:) and the legacy paths.
     compat_routes: list[web.RouteDef]
+    # media.store, started: close it after the pipeline (None: local disk only).
+    tier: BucketTier | None = None
 
 
 async def build_media(
@@ -96,7 +103,9 @@ async def build_media(
         raise StartupError(
             EXIT_CONFIG, f"media.cache_dir {media.cache_dir} is unusable: {e}"
         ) from e
-    source = MediaSource(fetcher, cache, metrics)
+    # Started last (below), when nothing else can fail and leave its client open.
+    tier = None if media.store is None else BucketTier.from_config(media.store, metrics)
+    source = MediaSource(fetcher, cache, metrics, tier=tier)
     renditions = Renditions(
         source,
         metrics,
@@ -104,6 +113,7 @@ async def build_media(
             max_side=cfg.thumbnails.max_side, max_pixels=cfg.thumbnails.max_pixels
         ),
         strip_metadata=media.strip_metadata,
+        tier=tier,
     )
     revocations = RevocationCheck(store, on_discovered=on_discovered)
     probe = MediaProbe(
@@ -133,10 +143,34 @@ async def build_media(
         audit=audit,
     )
     routes = _compat_routes(cfg, store, pipeline, media_server)
+    if tier is not None:
+        await start_tier(tier)
     capabilities.start()
     return MediaStack(
-        capabilities, source, renditions, revocations, pipeline, media_server, bridge_api, routes
+        capabilities,
+        source,
+        renditions,
+        revocations,
+        pipeline,
+        media_server,
+        bridge_api,
+        routes,
+        tier,
     )
+
+
+async def start_tier(tier: BucketTier) -> None:
+    """Start the ``media.store`` client. A bucket that does not answer now is logged, not
+    fatal: the relay serves from the homeserver until it does."""
+    await tier.start()
+    try:
+        await tier.bucket.check()
+    except S3Error as e:
+        log.warning(
+            "media.store: the bucket does not answer (%s); media comes from the homeserver "
+            "until it does",
+            e,
+        )
 
 
 def _compat_routes(

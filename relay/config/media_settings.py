@@ -12,6 +12,7 @@ from relay.config.values import (
     Flag,
     Size,
     Text,
+    _size,
     base_dir,
     fail,
     http_url,
@@ -38,6 +39,12 @@ def _prefix(value: object) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
+def _cap(value: object) -> int:
+    """A size, or 0 for no cap (``Size`` alone refuses the 0 the example config shows)."""
+    zero = isinstance(value, int) and not isinstance(value, bool) and value == 0
+    return 0 if zero else _size(value)
+
+
 class ObjectStoreConfig(Section):
     """``media.store``: an S3-protocol bucket shared by relays on several machines."""
 
@@ -54,7 +61,7 @@ class ObjectStoreConfig(Section):
     # "path" suits MinIO and Garage; "virtual" is AWS's default addressing.
     addressing_style: Literal["path", "virtual", "auto"] = "path"
     # Objects past this total are evicted, least recently stored first (0: no cap).
-    max_size: Size = 0
+    max_size: Annotated[int, PlainValidator(_cap)] = 0
 
 
 class MediaConfig(Section):

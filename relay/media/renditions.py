@@ -13,6 +13,11 @@ writer opened *before* the work began, so the bytes are written once and a revoc
 arriving meanwhile marks the writer and nothing is committed. A client that leaves
 does not cancel the work. At most ``max_concurrent_renders`` Pillow jobs run at once,
 which bounds CPU and memory (a 32-megapixel RGBA frame alone is 128 MB).
+
+With a shared tier (``media.store``, :mod:`relay.media.shared_tier`) the flight first
+copies the rendition down from it, and renders only when the tier has none; a
+rendition made here is copied up after it is committed, in the background (a copy that
+lands after a revocation's purge is deleted again by the tier itself).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from relay.media.thumbnails import (
     check_request,
     render_thumbnail,
 )
+from relay.media.tiers import SharedTier
 from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
 from relay.support.singleflight import Call, SingleFlight
@@ -119,8 +125,12 @@ class Renditions:
         limits: ThumbnailLimits | None = None,
         strip_metadata: bool = True,
         max_concurrent_renders: int = MAX_CONCURRENT_RENDERS,
+        tier: SharedTier | None = None,
     ) -> None:
         self._source = source
+        self._tier = tier
+        # Copies up to the tier under way (cancelled at close).
+        self._uploads: dict[asyncio.Task[None], CacheKey] = {}
         self._cache: MediaCache = source.cache
         self._metrics = metrics
         self.limits = limits or ThumbnailLimits()
@@ -239,7 +249,50 @@ class Renditions:
         entry = self._cache.lookup(key)
         if entry is not None:
             return entry
-        return await self._flights.join(key, lambda: Call(make)).result()
+
+        async def shared_or_make() -> CacheEntry:
+            return await self._from_tier(key) or await make()
+
+        return await self._flights.join(key, lambda: Call(shared_or_make)).result()
+
+    async def _from_tier(self, key: CacheKey) -> CacheEntry | None:
+        """The rendition copied down from the shared tier into the cache, or None (none
+        there, or the tier failed: the caller renders it)."""
+        tier = self._tier
+        if tier is None or not tier.holds(key):
+            return None
+        found = await tier.get(key)
+        if found is None:
+            return None
+        try:
+            writer = self._begin(key)
+            try:
+                async for chunk in found.iter_chunks():
+                    await writer.write(chunk)
+                if found.content_length is not None and writer.written != found.content_length:
+                    raise ValueError(f"{writer.written} bytes of {found.content_length}")
+                entry = await writer.commit(found.content_type, found.filename)
+            except Exception as e:  # the tier's trouble or a full cache: render instead
+                writer.abort()
+                log.warning("copying %s down from the shared tier failed: %s", key.variant, e)
+                return None
+            except BaseException:
+                writer.abort()
+                raise
+        finally:
+            await found.close()
+        if entry is None:
+            raise Purged(f"{key.server_name}/{key.media_id} was purged")
+        return entry
+
+    def _upload(self, key: CacheKey, entry: CacheEntry) -> None:
+        """Copy a committed rendition up to the shared tier, in the background."""
+        tier = self._tier
+        if tier is None or not tier.holds(key):
+            return
+        task = asyncio.ensure_future(tier.put(key, entry))
+        self._uploads[task] = key
+        task.add_done_callback(lambda done: self._uploads.pop(done, None))
 
     async def _work_on_source(
         self,
@@ -301,6 +354,7 @@ class Renditions:
         if entry is None:
             # MediaSource.purge ran meanwhile (revocation): serve nothing of it.
             raise Purged(f"{key.server_name}/{key.media_id} was purged")
+        self._upload(key, entry)
         return entry
 
     def forget(self, media: MediaId) -> None:
@@ -311,8 +365,12 @@ class Renditions:
         self._flights.detach(lambda key: (key.server_name, key.media_id) == item)
 
     async def close(self) -> None:
-        """Cancel renders under way (their waiters see CancelledError)."""
+        """Cancel renders and copies up to the tier under way (waiters see CancelledError)."""
         await self._flights.close()
+        uploads = list(self._uploads)
+        for task in uploads:
+            task.cancel()
+        await asyncio.gather(*uploads, return_exceptions=True)
 
     @property
     def renders_in_progress(self) -> int:

@@ -116,6 +116,10 @@ class BucketTier:
         self._sweeping: asyncio.Task[int] | None = None
         # key → sha256 of what the bucket is known to hold for it.
         self._known: TTLCache[CacheKey, str] = TTLCache(REMEMBER_FOR, MAX_REMEMBERED, clock=clock)
+        # (server_name, media_id) → when this process purged it (revocation).
+        self._purged: TTLCache[tuple[str, str], float] = TTLCache(
+            REMEMBER_FOR, MAX_REMEMBERED, clock=clock
+        )
 
     @classmethod
     def from_config(cls, config: ObjectStoreConfig, metrics: Metrics) -> BucketTier:
@@ -158,11 +162,15 @@ class BucketTier:
         return got
 
     async def put(self, key: CacheKey, entry: CacheEntry) -> None:
+        media = (key.server_name, key.media_id)
         if not self.holds(key) or self._known.get(key) == entry.sha256:
             return
+        if self._purged.get(media) is not None:
+            return  # revoked: never copied up again
         if self._is_down():
             self._count("put", "skipped")
             return
+        started = self._clock()
         metadata = {"sha256": entry.sha256}
         if entry.filename is not None:
             metadata["filename"] = quote(entry.filename, safe="")
@@ -177,11 +185,17 @@ class BucketTier:
         except S3Error as e:
             self._failed("put", key, e)
             return
+        purged_at = self._purged.get(media)
+        if purged_at is not None and purged_at >= started:
+            # Revoked while the copy was on its way: the purge may have run before it landed.
+            await self._delete_late_copy(key)
+            return
         self._known.put(key, entry.sha256)
         self._count("put", "ok")
         self._maybe_sweep()
 
     async def purge(self, server_name: str, media_id: str) -> int:
+        self._purged.put((server_name, media_id), self._clock())
         self._known.discard_where(lambda k: (k.server_name, k.media_id) == (server_name, media_id))
         try:
             removed = await self.bucket.delete_folder(media_folder(server_name, media_id))
@@ -190,6 +204,17 @@ class BucketTier:
             raise
         self._count("purge", "ok")
         return removed
+
+    async def _delete_late_copy(self, key: CacheKey) -> None:
+        try:
+            await self.bucket.delete([object_name(key)])
+        except S3Error as e:
+            log.error(
+                "shared tier: a copy of revoked %s/%s may be left in the bucket: %s",
+                key.server_name,
+                key.media_id,
+                e,
+            )
 
     # -- eviction -----------------------------------------------------------------------
 

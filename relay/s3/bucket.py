@@ -138,6 +138,15 @@ class S3Bucket:
             raise S3Error("the S3 client is not started")
         return self._client
 
+    async def check(self) -> None:
+        """Raise S3Error unless the bucket answers (and these credentials may use it)."""
+        try:
+            await self._s3.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            raise S3Error(f"HeadBucket {self.bucket}: {_describe(e)}") from e
+        except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise S3Error(f"HeadBucket {self.bucket}: {e}") from e
+
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, name: str) -> S3Object | None:

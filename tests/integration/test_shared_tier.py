@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -137,9 +138,23 @@ async def test_purge_removes_every_variant_of_the_item_only(
     assert s3_store.listing() == [f"relay-test/{object_name(OTHER)}"]
     assert await shared.get(ORIGINAL) is None
     assert _requests(metrics, "purge", "ok") == 1
-    # Purged: a later commit of the same bytes goes up again (nothing remembered).
-    await shared.put(ORIGINAL, cache.lookup(ORIGINAL) or await _entry(cache, ORIGINAL, b"x"))
-    assert len(s3_store.listing(f"relay-test/{folder}/")) == 1
+    # Revoked: a copy committed later (a download that was under way) never goes up.
+    await shared.put(ORIGINAL, await _entry(cache, ORIGINAL, b"late"))
+    assert s3_store.listing(f"relay-test/{folder}/") == []
+
+
+async def test_a_copy_landing_after_the_purge_is_deleted(
+    tier: tuple[BucketTier, Metrics], cache: MediaCache, s3_store: S3Store
+) -> None:
+    """A put under way when the item is purged cannot leave its object behind, whichever of
+    the two reaches the store first."""
+    shared, _ = tier
+    entry = await _entry(cache, ORIGINAL, secrets.token_bytes(9 * 1024 * 1024))  # multipart
+    put = asyncio.ensure_future(shared.put(ORIGINAL, entry))
+    await asyncio.sleep(0)  # the put has begun (its start time is taken before any await)
+    assert await shared.purge("example.org", "abc") == 0  # nothing there yet
+    await put
+    assert s3_store.listing() == []
 
 
 @pytest.mark.parametrize(("max_size", "evicted"), [(25_000, 2), (0, 0)])

@@ -1,0 +1,181 @@
+"""Two relays (own cache directories, one PostgreSQL, one bucket) against the real Synapse:
+what one downloads or renders, the other serves from the bucket; a revocation empties it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relay.app import Relay
+from relay.config.loading import load
+from relay.core.exit_codes import EXIT_OK
+from relay.core.mxc import parse_mxc
+from relay.core.variant import Thumbnail, variant_key
+from relay.devtools.local_synapse import LocalSynapse, free_ports
+from relay.media.downloads import MediaSource
+from relay.media.renditions import derived_key
+from relay.media.shared_tier import media_folder, object_name
+from tests.harness import make_png
+from tests.harness.fixtures import RelayPorts, RelayRegistration
+from tests.harness.links import errcode, fetch, post_media, run_cli, sign
+from tests.harness.matrix_client import MatrixUser
+from tests.harness.relay import MakeConfig, StartRelay, on, relay_config_dict, write_config
+from tests.harness.s3_server import S3Store
+from tests.harness.waiting import eventually
+
+pytestmark = [pytest.mark.synapse, pytest.mark.postgres]
+
+
+def _store(s3_store: S3Store) -> dict[str, Any]:
+    return s3_store.config.model_dump()
+
+
+async def _pair(
+    synapse: LocalSynapse,
+    registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    tmp_path: Path,
+    s3_store: S3Store,
+) -> tuple[Relay, Relay]:
+    """Relay A (the harness's own) and relay B (own cache, ports), both on the bucket."""
+    first = await start_relay(make_config(database=postgres_url, media={"store": _store(s3_store)}))
+    workdir = tmp_path / "second"
+    workdir.mkdir()
+    data = relay_config_dict(
+        synapse, registration, RelayPorts(*free_ports(2)), workdir, postgres_url
+    )
+    data["media"]["store"] = _store(s3_store)
+    second = await start_relay(load(write_config(workdir / "config.yaml", data), {}))
+    assert first.config.media.cache_dir != second.config.media.cache_dir
+    return first, second
+
+
+def _upstream(relay: Relay) -> float:
+    """Every request the relay made to the homeserver (downloads and probes, any outcome)."""
+    samples = relay.metrics.registry.get_sample_value
+    outcomes = ("ok", "not_found", "too_large", "rate_limited", "unauthorized")
+    outcomes += ("upstream_error", "timeout")
+    return sum(
+        samples("relay_upstream_requests_total", {"outcome": outcome}) or 0.0
+        for outcome in outcomes
+    )
+
+
+async def _revoke_everywhere(
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+    mxc: str,
+    links: list[str],
+    s3_store: S3Store,
+) -> None:
+    """``media-relay revoke``: the bucket loses the item's folder, both relays answer 410."""
+    code, _, err = await run_cli(tmp_path / "config.yaml", "revoke", mxc)
+    assert code == EXIT_OK, err
+    media = parse_mxc(mxc)
+    folder = f"{s3_store.config.prefix}{media_folder(media.server_name, media.media_id)}/"
+
+    async def gone() -> bool:
+        return s3_store.listing(folder) == [] and all(
+            [(await fetch(http_session, link))[0] == 410 for link in links]
+        )
+
+    await eventually(gone, within=5.0, interval=0.05)
+    for link in links:
+        status, _, body = await fetch(http_session, link)
+        assert (status, errcode(body)) == (410, "M_NOT_FOUND")
+
+
+async def test_a_thumbnail_rendered_by_one_relay_is_served_by_the_other(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+    s3_store: S3Store,
+) -> None:
+    """A renders the thumbnail and copies it up; B serves the same bytes from the bucket,
+    rendering nothing and asking the homeserver nothing; a revocation empties the bucket."""
+    first, second = await _pair(
+        synapse, relay_registration, postgres_url, make_config, start_relay, tmp_path, s3_store
+    )
+    color = (secrets.randbelow(256), secrets.randbelow(256), 40)
+    _, mxc, _ = await post_media(first, alice, make_png(96, 64, color), "image/png", "cat.png")
+    thumb = {"width": 48, "height": 32, "method": "scale"}
+    url = (await sign(http_session, first, mxc, thumbnail=thumb))["url"]
+    status, headers_a, body_a = await fetch(http_session, url)
+    assert status == 200 and headers_a["Content-Type"] == "image/jpeg"  # no alpha: JPEG
+    key = derived_key(
+        MediaSource.cache_key(parse_mxc(mxc)), variant_key(Thumbnail(48, 32, "scale"))
+    )
+    name = f"{s3_store.config.prefix}{object_name(key)}"
+
+    async def copied_up() -> bool:
+        return name in s3_store.listing()
+
+    await eventually(copied_up, within=10)
+
+    before = _upstream(second)
+    status, headers_b, body_b = await fetch(http_session, on(second, url, first))
+    assert status == 200
+    assert body_b == body_a
+    assert headers_b["Content-Type"] == headers_a["Content-Type"]
+    assert headers_b["Content-Disposition"] == headers_a["Content-Disposition"]
+    assert second.metrics.value("relay_thumbnails_generated") == 0
+    assert _upstream(second) == before
+    hits = second.metrics.value("relay_tier_requests", {"op": "get", "outcome": "hit"})
+    assert hits == 1
+    assert second.media_source is not None and key in second.media_source.cache
+
+    await _revoke_everywhere(http_session, tmp_path, mxc, [url, on(second, url, first)], s3_store)
+    assert key not in second.media_source.cache
+
+
+async def test_an_original_downloaded_by_one_relay_is_served_by_the_other(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+    s3_store: S3Store,
+) -> None:
+    """A downloads the original once; B serves identical bytes from the bucket with no
+    upstream request; a revocation purges the bucket and both relays answer 410."""
+    first, second = await _pair(
+        synapse, relay_registration, postgres_url, make_config, start_relay, tmp_path, s3_store
+    )
+    data = secrets.token_bytes(3 * 1024 * 1024 + 17)
+    _, mxc, _ = await post_media(first, alice, data, "application/octet-stream", "data.bin")
+    url = (await sign(http_session, first, mxc))["url"]
+    status, _, body = await fetch(http_session, url)
+    assert (status, body) == (200, data)
+    assert first.metrics.value("relay_upstream_requests", {"outcome": "ok"}) == 1
+    name = f"{s3_store.config.prefix}{object_name(MediaSource.cache_key(parse_mxc(mxc)))}"
+
+    async def copied_up() -> bool:
+        return name in s3_store.listing()
+
+    await eventually(copied_up, within=10)
+    assert s3_store.read(name)[0] == data
+
+    started = time.monotonic()
+    status, headers, body = await fetch(http_session, on(second, url, first))
+    assert (status, body) == (200, data)
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert _upstream(second) == 0
+    assert second.metrics.value("relay_tier_requests", {"op": "get", "outcome": "hit"}) == 1
+    assert time.monotonic() - started < 10
+
+    await _revoke_everywhere(http_session, tmp_path, mxc, [url, on(second, url, first)], s3_store)
