@@ -145,7 +145,9 @@ async def lock_holders(url: str) -> list[tuple[int, str]]:
         rows = await conn.fetch(
             "SELECT l.pid, a.application_name FROM pg_locks l"
             " JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted AND l.database = a.datid"
+            " WHERE l.locktype = 'advisory' AND l.granted"
+            # pg_locks is the whole server's: other tests' databases hold this key too.
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 1",
             LEADER_LOCK >> 32,
             LEADER_LOCK & 0xFFFFFFFF,
@@ -332,8 +334,14 @@ async def leader_gauge(http: aiohttp.ClientSession, relay: Relay) -> float:
     async with http.get(f"{relay.internal_url}/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    (line,) = [x for x in text.splitlines() if x.startswith("relay_cluster_leader ")]
-    return float(line.split()[1])
+    # With public.workers the series is labelled by process; only the primary leads.
+    lines = [
+        x
+        for x in text.splitlines()
+        if x.startswith(("relay_cluster_leader ", "relay_cluster_leader{"))
+    ]
+    assert lines, text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines)
 
 
 @pytest.mark.synapse
