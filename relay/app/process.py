@@ -23,6 +23,7 @@ from relay.media.downloads import MediaSource
 from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
 from relay.media.revocation import RevocationCheck
+from relay.media.shared_tier import BucketTier
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
 from relay.store.leader import Leadership, leadership
@@ -93,6 +94,7 @@ class Relay:
         self.revocations: RevocationCheck | None = None
         self.revocation_feed: RevocationFeed | None = None
         self.pipeline: MediaPipeline | None = None
+        self.tier: BucketTier | None = None
         self.media_server: MediaServer | None = None
         self._db: Any = None
         self.internal_url = ""
@@ -148,6 +150,7 @@ class Relay:
         self.capabilities = stack.capabilities
         self.media_source, self.renditions = stack.source, stack.renditions
         self.revocations, self.pipeline = stack.revocations, stack.pipeline
+        self.tier = stack.tier
         self.media_server = media_server = stack.media_server
         # Revocations committed elsewhere: pushed on PostgreSQL, polled on SQLite.
         self.revocation_feed = revocation_feed(self._db)
@@ -341,6 +344,9 @@ class Relay:
         self._runners.clear()
         if self.pipeline is not None:
             await self.pipeline.close()
+        if self.tier is not None:
+            await self.tier.close()
+            self.tier = None
         if self.audit is not None:
             # Before the database closes: rows of links already handed out are kept.
             await self.audit.close()
