@@ -21,10 +21,19 @@ from relay.media.downloads import MediaSource
 from relay.media.renditions import derived_key
 from relay.media.shared_tier import media_folder, object_name
 from tests.harness import make_png
+from tests.harness.encryption import encrypt_attachment, encrypted_file_json
 from tests.harness.fixtures import RelayPorts, RelayRegistration
-from tests.harness.links import errcode, fetch, post_media, run_cli, sign
+from tests.harness.links import errcode, fetch, post_media, run_cli, sign, wait_recorded
 from tests.harness.matrix_client import MatrixUser
-from tests.harness.relay import MakeConfig, StartRelay, on, relay_config_dict, write_config
+from tests.harness.relay import (
+    BRIDGE_TOKEN,
+    MakeConfig,
+    StartRelay,
+    on,
+    relay_config_dict,
+    write_config,
+)
+from tests.harness.rooms import served_room
 from tests.harness.s3_server import S3Store
 from tests.harness.waiting import eventually
 
@@ -179,3 +188,56 @@ async def test_an_original_downloaded_by_one_relay_is_served_by_the_other(
     assert time.monotonic() - started < 10
 
     await _revoke_everywhere(http_session, tmp_path, mxc, [url, on(second, url, first)], s3_store)
+
+
+async def test_plaintext_of_an_encrypted_attachment_stays_off_the_bucket(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+    s3_store: S3Store,
+) -> None:
+    """Both relays serve the decrypted file, each from its own download: the bucket never
+    gets the plaintext (nor anything of it: the ciphertext is not kept either)."""
+    first, second = await _pair(
+        synapse, relay_registration, postgres_url, make_config, start_relay, tmp_path, s3_store
+    )
+    plaintext = b"the minutes of a private meeting " * 4096
+    ciphertext, enc = encrypt_attachment(plaintext)
+    mxc = await alice.upload(ciphertext, "application/octet-stream")
+    content = {
+        "msgtype": "m.file",
+        "body": "minutes.txt",
+        "file": encrypted_file_json(mxc, enc),
+        "info": {"mimetype": "text/plain"},
+    }
+    await alice.send_message(await served_room(first, alice), content)
+    await wait_recorded(first, mxc)
+    async with http_session.post(
+        first.internal_url + "/_relay/v1/rewrite",
+        json={"content": content, "type": "m.room.message"},
+        headers={"Authorization": f"Bearer {BRIDGE_TOKEN}"},
+    ) as resp:
+        assert resp.status == 200
+        link = (await resp.json())["content"]["file_https"]
+    for relay in (first, second):
+        status, _, body = await fetch(http_session, on(relay, link, first))
+        assert (status, body) == (200, plaintext)
+    # Nothing was even scheduled: MediaSource asks tier.holds() when it commits.
+    for relay in (first, second):
+        assert relay.metrics.value("relay_tier_requests", {"op": "put", "outcome": "ok"}) == 0
+        assert relay.metrics.value("relay_tier_requests", {"op": "get", "outcome": "miss"}) == 0
+    assert second.metrics.value("relay_upstream_requests", {"outcome": "ok"}) == 1
+    media = parse_mxc(mxc)
+    assert (
+        s3_store.listing(
+            f"{s3_store.config.prefix}{media_folder(media.server_name, media.media_id)}/"
+        )
+        == []
+    )
+    for name in s3_store.listing():
+        assert plaintext[:64] not in s3_store.read(name)[0]
