@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
 from mautrix.util.async_db import Database, Scheme
+
+from relay.support.file_lock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -125,32 +127,22 @@ class AdvisoryLock:
             conn.terminate()
 
 
-class FileLock:
+class FileClaim:
     """SQLite: ``flock`` on a file beside the database; the kernel frees it on exit."""
 
-    def __init__(self, path: str, *, check_interval: float = CHECK_INTERVAL) -> None:
+    def __init__(self, path: Path, *, check_interval: float = CHECK_INTERVAL) -> None:
         self.path = path
         self._check_interval = check_interval
-        self._fd: int | None = None
+        self._lock: FileLock | None = None
 
     async def try_take(self) -> bool:
         await self.release()
-        # 0600 like the database itself; never follow a link planted in its place.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        return True
+        self._lock = FileLock.try_acquire(self.path)
+        return self._lock is not None
 
     async def lost(self) -> None:
         # Nothing announces a deleted or replaced lock file: look now and then.
-        while self._fd is not None and self._same_file(self._fd):  # noqa: ASYNC110
+        while self._lock is not None and self._same_file(self._lock.fd):  # noqa: ASYNC110
             await asyncio.sleep(self._check_interval)
 
     def _same_file(self, fd: int) -> bool:
@@ -163,9 +155,9 @@ class FileLock:
         return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
     async def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # frees the flock
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()  # the file stays: removing it would race the next holder
 
 
 class Solo:
@@ -279,5 +271,5 @@ def leadership(db: Database, **kwargs: Any) -> Leadership:
         if path in ("", ":memory:") or path.startswith("file:"):
             claim = Solo()
         else:
-            claim = FileLock(path + LEADER_SUFFIX)
+            claim = FileClaim(Path(path + LEADER_SUFFIX))
     return Leadership(claim, **kwargs)

@@ -29,7 +29,7 @@ from relay.store.leader import (
     RETRY_INTERVAL,
     AdvisoryLock,
     Claim,
-    FileLock,
+    FileClaim,
     Leadership,
     Solo,
 )
@@ -284,14 +284,14 @@ async def test_sqlite_file_lock_across_processes(tmp_path: Path) -> None:
 
 async def test_sqlite_replaced_lock_file_stops_the_leader(tmp_path: Path) -> None:
     """The lock file deleted under a leader: it stops, as the next process locks a new file."""
-    path = str(tmp_path / "relay.db.leader")
-    first = Member(Counted(FileLock(path, check_interval=CHECK)))
+    path = tmp_path / "relay.db.leader"
+    first = Member(Counted(FileClaim(path, check_interval=CHECK)))
     first.start()
     members = [first]
     try:
         await leader_of([first])
         os.unlink(path)
-        second = Member(Counted(FileLock(path, check_interval=CHECK)))
+        second = Member(Counted(FileClaim(path, check_interval=CHECK)))
         members.append(second)
         second.start()
 
