@@ -33,8 +33,8 @@ from relay.store.takedown import HOMESERVER, REDACTION, Takedowns
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
-from relay.web.access_log import AccessLog
 from relay.web.appservice import AppserviceAPI, IngestHooks
+from relay.web.edge import PublicEdge
 from relay.web.listener import ConnectionLimits, LimitedSite, ensure_descriptors, runner_args
 from relay.web.middleware import error_middleware
 from relay.web.public import HEALTH_PATH, MediaServer
@@ -187,10 +187,9 @@ class Relay:
             ]
         )
 
-        access = AccessLog(self.metrics, skip=HEALTH_PATH)
-        public = web.Application(
-            middlewares=[access.middleware, media_server.middleware, error_middleware]
-        )
+        # One middleware: errors, headers, counters and the access log (relay.web.edge).
+        edge = PublicEdge(self.metrics, skip=HEALTH_PATH)
+        public = web.Application(middlewares=[edge.middleware])
         public.add_routes([web.get("/_relay/health", health)])
         public.add_routes(media_server.routes())
         public.add_routes(stack.compat_routes)

@@ -12,14 +12,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import time
-from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import Histogram
 
 from relay.support.metrics import Metrics
-from relay.web.middleware import Handler
 
 log = logging.getLogger("relay.access")
 
@@ -62,39 +59,17 @@ def body_length(request: web.Request, response: web.StreamResponse) -> int | Non
 
 
 class AccessLog:
-    """The outermost middleware of the public listener: times, logs and measures."""
+    """Writes the access line and times the request (called by :mod:`relay.web.edge`)."""
 
-    def __init__(
-        self, metrics: Metrics, *, skip: str, monotonic: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._skip = skip
-        self._monotonic = monotonic
         # kind → its child of the latency histogram (labels() costs a lookup per call).
         self._latency: dict[str, Histogram] = {}
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == self._skip:
-            return await handler(request)
-        started = self._monotonic()
-        status: int | None = None
-        response: web.StreamResponse | None = None
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        finally:
-            # A client that left (or a response cut on revocation) has no status: "-".
-            self._record(request, response, status, self._monotonic() - started)
-
-    def _record(
-        self,
-        request: web.Request,
-        response: web.StreamResponse | None,
-        status: int | None,
-        seconds: float,
+    def record(
+        self, request: web.Request, response: web.StreamResponse | None, seconds: float
     ) -> None:
+        """One request done; ``response`` None when the client left before an answer."""
         kind, entry = request.get(LINK_KEY, (UNKNOWN, UNKNOWN))
         latency = self._latency.get(kind)
         if latency is None:
@@ -110,7 +85,7 @@ class AccessLog:
             "entry": entry,
             "media": media,
             "variant": variant,
-            "status": status if status is not None else UNKNOWN,
+            "status": response.status if response is not None else UNKNOWN,
             "bytes": length if length is not None else UNKNOWN,
             "ms": round(seconds * 1000, 2),
             "client": client_address(request),

@@ -63,9 +63,18 @@ def loggable_path(request: web.Request) -> str:
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render every failure as Matrix JSON; never let one request crash the process."""
-    head = request.method == "HEAD"
     try:
         return await handler(request)
+    except Exception as e:
+        return render_error(request, e)
+
+
+def render_error(request: web.Request, error: Exception) -> web.Response:
+    """The Matrix JSON answer to ``error`` raised by a handler (re-raised if there is none:
+    the client went away, or aiohttp's own non-error answer such as a redirect)."""
+    head = request.method == "HEAD"
+    try:
+        raise error
     except MatrixError as e:
         return error_response(e, head=head)
     except web.HTTPMethodNotAllowed as e:

@@ -39,20 +39,19 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from aiohttp import web
-from prometheus_client import Counter
 
 from relay.core.errors import Codes, MatrixError
 from relay.core.mxc import MediaId
 from relay.core.signing import KeyRing, LinkClaims, Verdict, verify
 from relay.core.variant import variant_key
-from relay.http.headers import cache_control, security_headers
+from relay.http.headers import cache_control
 from relay.http.response import ResponsePlan, plan_response
 from relay.media.pipeline import MediaPipeline
 from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
 from relay.web.access_log import LINK_KEY, MEDIA_KEY
 from relay.web.inflight import InFlight
-from relay.web.middleware import Handler
+from relay.web.ready import ReadyHead, ready_head
 from relay.web.sending import Sender, read_cached
 
 log = logging.getLogger(__name__)
@@ -94,8 +93,9 @@ class ReadyResponse:
     length: int
     # Reused for every answer: aiohttp copies the headers it is given into each response.
     plan: ResponsePlan
-    # The whole file when it is at most SMALL_BODY bytes (read once, not per request).
-    body: bytes | None
+    # A file of at most SMALL_BODY bytes: read once, its head serialised once
+    # (relay.web.ready); None for a larger one (sent by sendfile each time).
+    head: ReadyHead | None
 
 
 class MediaServer:
@@ -127,10 +127,7 @@ class MediaServer:
         self._ready: TTLCache[MediaId, ReadyResponse] = TTLCache(
             READY_TTL, READY_MEMO_ENTRIES, clock=monotonic
         )
-        # status → its child of the served counter (labels() costs a lookup per call).
-        self._served: dict[int, Counter] = {}
         self.in_flight = InFlight()
-        self._by_link: dict[tuple[str, str, int], Counter] = {}
 
     def forget(self, media: MediaId) -> None:
         """Drop what is remembered of ``media`` and cut its responses under way
@@ -154,33 +151,6 @@ class MediaServer:
         ]
         return routes
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Count answers by status; errors get the security headers and ``no-store``."""
-        response = await handler(request)
-        if not response.prepared:
-            for name, value in security_headers().items():
-                response.headers.setdefault(name, value)
-            if response.status >= 400:
-                # An error may be temporary (or the link revoked): never cache it.
-                response.headers["Cache-Control"] = "no-store"
-        if request.path != HEALTH_PATH:
-            status = response.status
-            counter = self._served.get(status)
-            if counter is None:
-                counter = self._served[status] = self._metrics.served.labels(str(status))
-            counter.inc()
-            link = request.get(LINK_KEY)
-            if link is not None:
-                key = (*link, status)
-                by_link = self._by_link.get(key)
-                if by_link is None:
-                    by_link = self._by_link[key] = self._metrics.link_requests.labels(
-                        link[0], link[1], str(status)
-                    )
-                by_link.inc()
-        return response
-
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """``GET``/``HEAD`` of one signed link (see the module docstring for the order)."""
         request[LINK_KEY] = NATIVE
@@ -200,8 +170,7 @@ class MediaServer:
         # Before anything is fetched, rendered or remembered: a redacted event's media
         # and its thumbnails are never produced nor served again.
         await self._pipeline.admit(media)
-        with self.in_flight.track(media, request):
-            return await self._send_admitted(request, claims, now)
+        return await self._send_admitted(request, claims, now)
 
     async def _send_admitted(
         self, request: web.Request, claims: LinkClaims, now: float
@@ -235,7 +204,8 @@ class MediaServer:
             )
             path, length = body.path, body.length
             if not plan.send_body or path is None or length is None or plan.length is None:
-                return await sender.send(request, media, plan, stream=body)
+                with self.in_flight.track(media, request):
+                    return await sender.send(request, media, plan, stream=body)
             remember = plain and plan.status == 200 and body.sha256 is not None
             if plan.length <= SMALL_BODY:
                 start = plan.byte_range.start if plan.byte_range is not None else 0
@@ -245,7 +215,8 @@ class MediaServer:
                         self._remember_ready(claims, plan, path, length, data)
                     return sender.whole(plan, data)
             else:
-                response = await sender.file(request, media, plan, path, length)
+                with self.in_flight.track(media, request):
+                    response = await sender.file(request, media, plan, path, length)
                 if response is not None:
                     if remember:
                         self._remember_ready(claims, plan, path, length, None)
@@ -289,11 +260,12 @@ class MediaServer:
         ):
             return None
         freshness = cache_control(claims.expires_at - now)
-        if ready.body is not None:
-            return self.sender.whole(ready.plan, ready.body, freshness)
-        response = await self.sender.file(
-            request, media, ready.plan, ready.path, ready.length, freshness
-        )
+        if ready.head is not None:
+            return self.sender.ready(ready.head, freshness)
+        with self.in_flight.track(media, request):
+            response = await self.sender.file(
+                request, media, ready.plan, ready.path, ready.length, freshness
+            )
         if response is None:
             # Evicted or purged since: forget it and take the full path.
             self._ready.discard(media)
@@ -310,9 +282,12 @@ class MediaServer:
         headers = plan.headers.copy()
         headers.popall("Cache-Control", None)
         ready_plan = ResponsePlan(plan.status, headers, plan.length, None, send_body=True)
+        head = ready_head(headers, body) if body is not None else None
+        if body is not None and head is None:
+            return  # a header aiohttp would have to refuse: not remembered, never reused
         self._ready.put(
             claims.media,
-            ReadyResponse(claims.filename, claims.reference, path, length, ready_plan, body),
+            ReadyResponse(claims.filename, claims.reference, path, length, ready_plan, head),
         )
 
 

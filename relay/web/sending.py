@@ -29,6 +29,7 @@ from relay.http.response import ResponsePlan
 from relay.support.metrics import Metrics
 from relay.upstream.errors import FetchError
 from relay.web.kernel_send import kernel_socket, send_range
+from relay.web.ready import HttpDate, ReadyAnswer, ReadyHead
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class Sender:
         self.files_sent_zero_copy = 0
         self.files_sent_buffered = 0
         self.files_sent_copied = 0
+        self._date = HttpDate()
 
     def whole(
         self, plan: ResponsePlan, data: bytes, cache_control: str | None = None
@@ -147,6 +149,13 @@ class Sender:
         if cache_control is not None:
             response.headers["Cache-Control"] = cache_control
         return response
+
+    def ready(self, head: ReadyHead, cache_control: str) -> web.StreamResponse:
+        """A remembered small file's 200, written whole with its prepared head."""
+        self.files_sent_buffered += 1
+        self._metrics.served_bytes.inc(len(head.body))
+        per_request = self._date.line() + f"Cache-Control: {cache_control}\r\n".encode()
+        return ReadyAnswer(head, per_request)
 
     async def file(
         self,

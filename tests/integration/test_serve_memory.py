@@ -34,8 +34,8 @@ from relay.media.revocation import RevocationCheck
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher, Timeouts
-from relay.web.middleware import error_middleware
-from relay.web.public import READY_TTL, SMALL_BODY, MediaServer
+from relay.web.edge import PublicEdge
+from relay.web.public import HEALTH_PATH, READY_TTL, SMALL_BODY, MediaServer
 from tests.harness.loopback import start_loopback
 from tests.harness.stub_homeserver import AS_TOKEN, SERVER, FakeClock, StubServer, serve_bytes
 
@@ -138,7 +138,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             records, revocations, source, Renditions(source, metrics), monotonic=mono
         )
         server = MediaServer(ring, pipeline, metrics, path_prefix="/m", clock=wall, monotonic=mono)
-        app = web.Application(middlewares=[server.middleware, error_middleware])
+        app = web.Application(middlewares=[PublicEdge(metrics, skip=HEALTH_PATH).middleware])
         app.add_routes(server.routes())
         runner, port = await start_loopback(app)
         base_url = f"http://127.0.0.1:{port}/m"
@@ -262,7 +262,7 @@ async def test_a_new_key_ring_does_not_inherit_remembered_tokens(world: World) -
     restarted = MediaServer(
         ring, pipeline, world.metrics, path_prefix="/m", clock=world.wall, monotonic=world.mono
     )
-    app = web.Application(middlewares=[restarted.middleware, error_middleware])
+    app = web.Application(middlewares=[PublicEdge(world.metrics, skip=HEALTH_PATH).middleware])
     app.add_routes(restarted.routes())
     runner, port = await start_loopback(app)
     try:
