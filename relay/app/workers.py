@@ -197,7 +197,7 @@ class PublicWorkers:
         _, pending = await asyncio.wait(self._tasks, timeout=self._stop_deadline)
         if pending:
             log.warning(
-                "public workers %s still running %.0f s after SIGTERM; killing them",
+                "public workers %s still running %g s after SIGTERM; killing them",
                 sorted(self.pids.values()),
                 self._stop_deadline,
             )

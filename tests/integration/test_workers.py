@@ -25,7 +25,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.core.exit_codes import EXIT_CONFIG, EXIT_OK
+from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_OK
 from relay.devtools.local_synapse import LocalSynapse, free_ports
 from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
@@ -360,6 +360,25 @@ async def test_a_worker_never_outlives_a_killed_primary(cluster: Cluster) -> Non
 
     await eventually(worker_gone, within=30)
     assert "the primary process is gone; this public worker stops" in cluster.log()
+
+
+async def test_a_failed_primary_start_up_starts_no_worker(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    tmp_path: Path,
+) -> None:
+    """workers: 3 and no database: exit 5 once, as with one process, and no worker ran."""
+    failed = await start_cluster(
+        synapse,
+        relay_registration,
+        "postgresql://postgres@127.0.0.1:1/none",
+        tmp_path / "failed",
+        workers=3,
+    )
+    assert await asyncio.wait_for(failed.process.wait(), 60) == EXIT_DATABASE
+    log = failed.log()
+    assert log.count("media-relay: error: ") == 1, log
+    assert "public worker" not in log
 
 
 async def test_one_worker_still_refuses_a_busy_port(
