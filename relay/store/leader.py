@@ -65,9 +65,16 @@ class Claim(Protocol):
 class AdvisoryLock:
     """PostgreSQL: a session advisory lock held by one dedicated connection."""
 
-    def __init__(self, dsn: str, *, check_interval: float = CHECK_INTERVAL) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        check_interval: float = CHECK_INTERVAL,
+        check_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
         self._dsn = dsn
         self._check_interval = check_interval
+        self._check_timeout = check_timeout
         self._conn: asyncpg.Connection | None = None
         self._gone = asyncio.Event()
 
@@ -113,7 +120,7 @@ class AdvisoryLock:
                 " AND classid = $1 AND objid = $2 AND objsubid = 1",
                 LEADER_LOCK >> 32,
                 LEADER_LOCK & 0xFFFFFFFF,
-                timeout=CONNECT_TIMEOUT,
+                timeout=self._check_timeout,
             )
         except Exception as e:
             log.warning("leader: lock connection failed its check: %s: %s", type(e).__name__, e)

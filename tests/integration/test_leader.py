@@ -8,6 +8,7 @@ flock is the kernel's business.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -220,6 +221,79 @@ async def test_postgres_unreachable_is_retried(postgres_url: str) -> None:
         assert member.task is not None and not member.task.done()
     finally:
         await member.stop()
+
+
+class FreezingProxy:
+    """TCP between a client and PostgreSQL that can stop carrying bytes without closing
+    anything: a network that fails silently (no FIN, no RST, nothing reported)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self.flowing.set()  # the pipes finish
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        await self.flowing.wait()  # frozen: an end is not passed on either
+        writer.transport.abort()
+
+
+async def test_postgres_silent_network_failure_stops_the_leader(postgres_url: str) -> None:
+    """The lock connection stops answering without closing: the leader's check times out
+    and it stops its job; nobody else leads while PostgreSQL still holds the session."""
+    host, _, rest = postgres_url.partition("@")[2].partition(":")
+    port, _, _ = rest.partition("/")
+    proxy = FreezingProxy(int(port))
+    proxied = postgres_url.replace(f"@{host}:{port}/", f"@127.0.0.1:{await proxy.start()}/")
+    member = Member(Counted(AdvisoryLock(proxied, check_interval=CHECK, check_timeout=0.5)))
+    other = Member(Counted(AdvisoryLock(postgres_url, check_interval=CHECK)))
+    member.start()
+    try:
+        await leader_of([member])
+        other.start()
+        await other.tried(1)
+        proxy.flowing.clear()
+        frozen = time.monotonic()
+
+        async def stopped() -> bool:
+            return member.cancels == 1 and not member.leadership.leading
+
+        await eventually(stopped, within=CHECK + 0.5 + SLACK, interval=0.01)
+        assert time.monotonic() - frozen < CHECK + 0.5 + SLACK
+        # The server still holds the old session's lock: no second leader.
+        await other.tried(3)
+        assert not other.leadership.leading and other.starts == 0
+        await proxy.close()  # the session ends for PostgreSQL too
+        leader = await leader_of([member, other])
+        await next(m for m in (member, other) if m is not leader).tried(3)
+        assert assert_exactly_one_leads([member, other]) is leader
+    finally:
+        await member.stop()
+        await other.stop()
+        await proxy.close()
 
 
 CHILD = """
