@@ -171,3 +171,17 @@ async def test_wrong_credentials_are_refused(s3_auth_store: S3Store, tmp_path: P
     finally:
         await good.close()
         await bad.close()
+
+
+async def test_listing_and_deleting_go_past_one_page(bucket: S3Bucket, s3_store: S3Store) -> None:
+    """More than 1,000 objects (one ListObjectsV2 page, one DeleteObjects batch): all are
+    listed and all are deleted."""
+    count = 1_003
+    for i in range(count):
+        s3_store.client.put_object(
+            Bucket=s3_store.config.bucket, Key=f"relay-test/ab/{i}", Body=b""
+        )
+    listed = [info.name async for info in bucket.objects("ab")]
+    assert sorted(listed) == sorted(f"ab/{i}" for i in range(count))
+    assert await bucket.delete_folder("ab") == count
+    assert s3_store.listing() == []
