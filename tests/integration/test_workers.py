@@ -107,9 +107,9 @@ async def running(cluster: Cluster, workers: int) -> None:
     await eventually(up, within=60)
 
 
-async def stop(cluster: Cluster) -> int:
+async def stop(cluster: Cluster, sig: signal.Signals = signal.SIGTERM) -> int:
     if cluster.process.returncode is None:
-        cluster.process.send_signal(signal.SIGTERM)
+        cluster.process.send_signal(sig)
         try:
             await asyncio.wait_for(cluster.process.wait(), 40)
         except TimeoutError:
@@ -339,10 +339,11 @@ async def test_a_killed_worker_is_restarted(
             conn.close()
 
 
-async def test_sigterm_stops_every_process(cluster: Cluster) -> None:
-    """SIGTERM of the primary stops its workers first; exit 0, no process left behind."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_every_process(cluster: Cluster, sig: signal.Signals) -> None:
+    """SIGTERM or SIGINT to the primary alone stops its workers; exit 0, nothing left behind."""
     [(_, worker)] = cluster.workers()
-    assert await stop(cluster) == EXIT_OK
+    assert await stop(cluster, sig) == EXIT_OK
     assert gone(worker)
     assert "exited" not in cluster.log()  # a worker stopped on purpose is not "restarted"
     with socket.socket() as probe:
