@@ -43,6 +43,9 @@ LEADER_LOCK = 0x72656C61796C6472
 APPLICATION_NAME = "media-relay leader"
 RETRY_INTERVAL = 3.0  # a follower tries to take the lock this often
 CHECK_INTERVAL = 3.0  # the leader makes sure it still holds it this often
+# PostgreSQL ends the leader's session after this long without a check (14+), so a
+# leader cut off silently frees the lock long before TCP keepalives would notice.
+SESSION_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
 LEADER_SUFFIX = ".leader"
 
@@ -71,10 +74,15 @@ class AdvisoryLock:
         *,
         check_interval: float = CHECK_INTERVAL,
         check_timeout: float = CONNECT_TIMEOUT,
+        session_timeout: float = SESSION_TIMEOUT,
     ) -> None:
+        if session_timeout <= check_interval + check_timeout:
+            # Else PostgreSQL could free the lock before the old leader has stopped.
+            raise ValueError("session_timeout must exceed check_interval + check_timeout")
         self._dsn = dsn
         self._check_interval = check_interval
         self._check_timeout = check_timeout
+        self._session_timeout = session_timeout
         self._conn: asyncpg.Connection | None = None
         self._gone = asyncio.Event()
 
@@ -89,8 +97,14 @@ class AdvisoryLock:
             taken = await conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", LEADER_LOCK, timeout=CONNECT_TIMEOUT
             )
+            if taken and conn.get_server_version().major >= 14:
+                await conn.execute(
+                    "SELECT set_config('idle_session_timeout', $1, false)",
+                    str(round(self._session_timeout * 1000)),
+                    timeout=CONNECT_TIMEOUT,
+                )
         except BaseException:
-            conn.terminate()
+            conn.terminate()  # and with it the lock, if it was taken
             raise
         if not taken:
             await conn.close(timeout=CONNECT_TIMEOUT)
