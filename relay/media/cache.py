@@ -162,6 +162,8 @@ class MediaCache:
         self._work: FileLock | None = None  # this process's work/ directory, locked
         self._sweeper = Sweeper(self.root, max_bytes, interval=sweep_interval)
         self._sweep: asyncio.Task[list[Path]] | None = None
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._written_since_sweep = False
         self._index: OrderedDict[str, _Item] = OrderedDict()  # digest → item, LRU first
         self._by_media: dict[tuple[str, str], set[str]] = {}
         self._writers: set[CacheWriter] = set()
@@ -193,11 +195,13 @@ class MediaCache:
         )
 
     async def close(self) -> None:
-        """Wait for a sweep under way; give up the sweep lock and the work directory."""
+        """Wait for a sweep under way; give up the work directory."""
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         if self._sweep is not None:
             with contextlib.suppress(Exception):
                 await self._sweep
-        self._sweeper.close()
         if self._work is not None:
             with contextlib.suppress(OSError):  # not empty: the next start-up scan's
                 self._work.release(remove=True)
@@ -365,15 +369,28 @@ class MediaCache:
         return len(removed)
 
     def _maybe_sweep(self) -> None:
-        """Start a sweep of the whole directory (every process's entries) when one is due."""
-        if (self._sweep is not None and not self._sweep.done()) or not self._sweeper.due():
+        """Sweep the whole directory (every process's entries) now or when next allowed."""
+        self._written_since_sweep = True
+        if self._sweep_timer is not None or (self._sweep is not None and not self._sweep.done()):
+            return  # one is scheduled, or running (it looks again when done)
+        delay = self._sweeper.wait_time()
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._sweep_timer = loop.call_later(delay, self._start_sweep)
             return
+        self._start_sweep()
+
+    def _start_sweep(self) -> None:
+        self._sweep_timer = None
+        self._written_since_sweep = False
         self._sweep = asyncio.create_task(asyncio.to_thread(self._sweeper.run), name="sweep")
         self._sweep.add_done_callback(self._swept)
 
     def _swept(self, task: asyncio.Task[list[Path]]) -> None:
         if task.cancelled():
             return
+        if self._written_since_sweep and self._work is not None:
+            self._maybe_sweep()  # written to during the sweep
         if (error := task.exception()) is not None:
             log.warning("media cache: sweep failed: %s", error)
             return

@@ -2,11 +2,13 @@
 
 Each process evicts from its own index (:mod:`relay.media.cache`), but only sees the
 entries it wrote, adopted or found at start-up. The :class:`Sweeper` keeps the whole
-directory under ``cache_max_size``: whichever process holds the flock on the cache
-root (taken without waiting, kept for the process's life, released by the kernel if
-it dies) measures the directory now and then (bodies, and the files every process is
-writing in ``work/``) and removes the least recently used entries, by mtime, which
-lookups touch at most once a minute, until the total fits. The others see a removed
+directory under ``cache_max_size``: a process that wrote something sweeps at most every
+:data:`SWEEP_INTERVAL` seconds, if it gets the flock on the cache root without waiting
+(otherwise another process is sweeping right now). A sweep measures the directory
+(bodies, and the files every process is writing in ``work/``) and removes the least
+recently used entries, by mtime, which lookups touch at most once a minute, until the
+total fits. The cache grows only through writes, so a process that writes nothing has
+nothing to sweep. The others see a removed
 entry as a miss (every hit stats its body).
 
 Bytes reserved for downloads in progress stay a per-process budget: a process refuses
@@ -73,35 +75,28 @@ def sweep(root: Path, max_bytes: int) -> list[Path]:
 
 
 class Sweeper:
-    """Runs :func:`sweep` at most every ``interval`` seconds while this process leads."""
+    """Runs :func:`sweep` at most every ``interval`` seconds, one process at a time."""
 
     def __init__(self, root: Path, max_bytes: int, *, interval: float = SWEEP_INTERVAL) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.interval = interval
-        self._lock: FileLock | None = None
         self._last = -float("inf")
 
-    def due(self, now: float | None = None) -> bool:
-        """Whether a sweep should run now (marks it as run)."""
-        now = time.monotonic() if now is None else now
-        if now - self._last < self.interval:
-            return False
-        self._last = now
-        return True
+    def wait_time(self) -> float:
+        """Seconds until the next sweep may run (0: now)."""
+        return max(0.0, self._last + self.interval - time.monotonic())
 
     def run(self) -> list[Path]:
-        """One sweep, if this process holds (or now takes) the sweep lock; blocking I/O."""
-        if self._lock is None:
-            self._lock = FileLock.try_acquire(self.root, directory=True)
-            if self._lock is None:
-                return []  # another process sweeps
-        removed = sweep(self.root, self.max_bytes)
+        """One sweep, unless another process is sweeping right now; blocking I/O."""
+        self._last = time.monotonic()
+        lock = FileLock.try_acquire(self.root, directory=True)
+        if lock is None:
+            return []  # another process sweeps now; the next write here looks again
+        try:
+            removed = sweep(self.root, self.max_bytes)
+        finally:
+            lock.release()
         if removed:
             log.info("media cache: swept %d least recently used entries", len(removed))
         return removed
-
-    def close(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
