@@ -47,6 +47,7 @@ CHECK_INTERVAL = 3.0  # the leader makes sure it still holds it this often
 # leader cut off silently frees the lock long before TCP keepalives would notice.
 SESSION_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 5.0
+RELEASE_TIMEOUT = 1.0
 LEADER_SUFFIX = ".leader"
 
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -143,8 +144,16 @@ class AdvisoryLock:
 
     async def release(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            # Closing the session frees its advisory locks; terminate never waits.
+        if conn is None or conn.is_closed():
+            return
+        if self._gone.is_set():
+            conn.terminate()
+            return
+        # Ending the session frees its advisory locks. Politely (no "unexpected EOF" in
+        # the server's log), but a connection that went silent is cut at once.
+        try:
+            await conn.close(timeout=RELEASE_TIMEOUT)
+        except Exception:
             conn.terminate()
 
 
