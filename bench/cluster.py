@@ -408,6 +408,11 @@ async def run(args: argparse.Namespace, wrk: str) -> int:
         database, name = await fresh_postgres()
         try:
             return await bench(args, wrk, Path(tmp), database)
+        except RuntimeError as e:
+            # A relay that did not start, an answer that was wrong, a revocation not
+            # honoured in time: no figure of this run means anything.
+            print(f"INVALID: {e}", file=sys.stderr)
+            return 1
         finally:
             await drop_postgres(name)
 
