@@ -103,6 +103,10 @@ class RevocationFeed:
         """Return when there may be new revocations (here: after the interval)."""
         await asyncio.sleep(self.interval)
 
+    def live_period(self) -> int | None:
+        """Which live period this is (None: not live); polling is always live."""
+        return 0
+
 
 class ListeningFeed(RevocationFeed):
     """PostgreSQL: LISTEN on a dedicated connection; reconnect, and poll slowly too."""
@@ -120,6 +124,7 @@ class ListeningFeed(RevocationFeed):
         self._reconnect_delays = reconnect_delays
         self._nudge = asyncio.Event()
         self._connected = asyncio.Event()
+        self._period = 0  # one per listening connection (live_period)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -142,6 +147,10 @@ class ListeningFeed(RevocationFeed):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._nudge.wait(), self.interval)
         self._nudge.clear()
+
+    def live_period(self) -> int | None:
+        """Which listening connection is up (a new number each); None while none is."""
+        return self._period if self._connected.is_set() else None
 
     def _notified(self, *_: Any) -> None:
         self._nudge.set()
@@ -178,6 +187,7 @@ class ListeningFeed(RevocationFeed):
             await conn.add_listener(CHANNEL, self._notified)
             if again:
                 log.info("revocation feed: listening again")
+            self._period += 1
             self._connected.set()
             # What was committed while nobody listened is read from the cursor.
             self._nudge.set()

@@ -22,6 +22,7 @@ class Feed:
         self.fail = 0
         self.batch = batch
         self.nudge = asyncio.Event()
+        self.period: int | None = 0
 
     async def is_revoked(self, media: MediaId) -> bool:
         return any(m == media for _, m in self.rows)
@@ -39,6 +40,9 @@ class Feed:
     async def wait(self) -> None:
         await self.nudge.wait()
         self.nudge.clear()
+
+    def live_period(self) -> int | None:
+        return self.period
 
 
 async def until(condition: object, *, within: float = 1.0) -> None:
