@@ -56,14 +56,15 @@ class CacheProcess:
         token = sign(RING, LinkClaims(MediaId(SERVER, media_id), None, None, 4_000_000_000))
         return build_url(f"http://127.0.0.1:{self.port}", token, None)
 
-    def open_files(self, under: Path) -> list[str]:
-        """The files being written (``*.part``) below ``under`` this process has open."""
+    def open_files(self, under: Path, suffix: str = ".part") -> list[str]:
+        """The files named ``*<suffix>`` below ``under`` this process has open (by
+        default those being written; ``.lock``: downloads it owns or follows)."""
         found = []
         fd_dir = Path(f"/proc/{self.pid}/fd")
         for fd in os.listdir(fd_dir):
             with contextlib.suppress(OSError):
                 target = os.readlink(fd_dir / fd)
-                if target.startswith(str(under)) and target.endswith(".part"):
+                if target.startswith(str(under)) and target.endswith(suffix):
                     found.append(target)
         return found
 

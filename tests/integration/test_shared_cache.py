@@ -24,7 +24,7 @@ from aiohttp import web
 from relay.media.cache_layout import CacheKey
 from tests.harness.cache import put_bytes, started_cache
 from tests.harness.cache_process import CacheProcess, spawn
-from tests.harness.stub_homeserver import SERVER, StubServer
+from tests.harness.stub_homeserver import SERVER, StubServer, error_response
 from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="/proc, flock")
@@ -53,6 +53,19 @@ class Gate:
             await resp.write(self.data[offset : offset + CHUNK])
         await resp.write_eof()
         return resp
+
+
+class Refusal:
+    """A 404 once opened: the homeserver's answer after a while."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.requests = 0
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        await self.opened.wait()
+        return error_response(404, "M_NOT_FOUND")
 
 
 @pytest_asyncio.fixture
@@ -161,6 +174,33 @@ async def test_a_killed_owner_lets_another_process_take_over(
         assert resp.status == 200
         assert await resp.read() == data
     assert gate.requests == 2
+
+
+async def test_the_owner_failure_is_every_process_answer(
+    stub: StubServer, tmp_path: Path, session: aiohttp.ClientSession, children: list[CacheProcess]
+) -> None:
+    """The homeserver answers 404 to the process that downloads: a process waiting on
+    that download answers 404 too, without asking the homeserver itself."""
+    refusal = Refusal()
+    stub.media["gone"] = refusal
+    cache_dir = tmp_path / "cache"
+    owner, other = await spawn(stub.url, cache_dir), await spawn(stub.url, cache_dir)
+    children += [owner, other]
+
+    async def get(child: CacheProcess) -> tuple[int, str]:
+        async with session.get(child.link("gone")) as resp:
+            return resp.status, (await resp.json())["errcode"]
+
+    first = asyncio.create_task(get(owner))
+    await eventually(lambda: _true(refusal.requests == 1), within=20)
+    second = asyncio.create_task(get(other))
+    # The other process watches the owner's lock (it has the lock file open).
+    await eventually(lambda: _true(bool(other.open_files(cache_dir / "tmp", ".lock"))), within=20)
+    refusal.opened.set()
+    assert await first == (404, "M_NOT_FOUND")
+    assert await second == (404, "M_NOT_FOUND")
+    assert refusal.requests == 1
+    assert list((cache_dir / "tmp").iterdir()) == []
 
 
 async def test_start_up_scan_keeps_a_live_process_download(
