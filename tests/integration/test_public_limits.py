@@ -64,7 +64,8 @@ def open_cache_files(cache_dir: Path) -> list[str]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.startswith(str(cache_dir)):
+        # Directories aside: the cache holds its work/ directory open (its flock).
+        if target.startswith(str(cache_dir)) and not os.path.isdir(target):
             found.append(target)
     return found
 
