@@ -206,7 +206,7 @@ class Relay:
             public, cfg.public.hostname, cfg.public.port, limits, reuse_port=cfg.public.workers > 1
         )
         if public_only:
-            log.info("public worker: public listener (signed media links) on %s", self.public_url)
+            log.info("public listener (signed media links) on %s", self.public_url)
             return
         log.info("internal listener (homeserver and bridges) on %s", self.internal_url)
         log.info(

@@ -68,17 +68,20 @@ def describe_exit(returncode: int) -> str:
 
 
 class PublicWorkers:
-    """Keeps ``count`` public worker processes running ``command`` until :meth:`stop`."""
+    """Keeps ``count`` public worker processes running until :meth:`stop`.
+
+    ``command(n)`` is the command line of worker ``n`` (1…count).
+    """
 
     def __init__(
         self,
-        command: Sequence[str],
+        command: Callable[[int], Sequence[str]],
         count: int,
         metrics: Metrics,
         *,
         stop_deadline: float = STOP_DEADLINE,
     ) -> None:
-        self._command = list(command)
+        self._command = command
         self._count = count
         self._stop_deadline = stop_deadline
         self._restarts = Counter(
@@ -132,7 +135,7 @@ class PublicWorkers:
 
     async def _run_once(self, index: int) -> int:
         process = await asyncio.create_subprocess_exec(
-            *self._command,
+            *self._command(index),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -205,6 +208,25 @@ class PublicWorkers:
                 _signal(process, signal.SIGKILL)
             await asyncio.wait(pending)
         self._tasks.clear()
+
+
+class _Labelled(logging.Filter):
+    def __init__(self, label: str) -> None:
+        super().__init__()
+        self.label = label
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_relay_labelled", False):  # once, whatever the handlers
+            record.msg = f"{self.label}{record.msg}"
+            record._relay_labelled = True
+        return True
+
+
+def label_logs(label: str) -> None:
+    """Start every log line of this process with ``label`` (a worker shares the primary's
+    stderr, so its lines must say whose they are)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_Labelled(label))
 
 
 def _signal(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:

@@ -15,7 +15,7 @@ import uvloop
 
 from relay import __version__
 from relay.app import Relay, stop_signals
-from relay.app.workers import PublicWorkers, supervised
+from relay.app.workers import PublicWorkers, label_logs, supervised
 from relay.cli.audit import add_arguments as add_audit_arguments
 from relay.cli.audit import cmd_audit
 from relay.cli.common import load_config
@@ -154,7 +154,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="if this registration file does not exist, generate it and exit (for containers)",
     )
     # A public worker of public.workers (relay.app.workers): started by the primary only.
-    p.add_argument("--public-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--public-worker", type=int, metavar="N", help=argparse.SUPPRESS)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -184,17 +184,18 @@ class Launch:
 
     config_path: Path
     debug: bool
-    public_worker: bool
+    public_worker: int | None  # this process is public worker N of a primary
 
-    def worker_command(self) -> list[str]:
+    def worker_command(self, number: int) -> list[str]:
         debug = ["--debug"] if self.debug else []
         config = str(self.config_path.absolute())
-        return [sys.executable, "-m", "relay", "run", "-c", config, *debug, "--public-worker"]
+        run = [sys.executable, "-m", "relay", "run", "-c", config, *debug]
+        return [*run, "--public-worker", str(number)]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     launch = Launch(args.config, args.debug, args.public_worker)
-    if launch.public_worker:
+    if launch.public_worker is not None:
         # The primary created the files and filled the signing keys; a worker only reads.
         config = load_config(args.config)
         setup_logging(config.log_level, args.debug, config.logging.format)
@@ -224,8 +225,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def serve_until_signalled(config: Config, launch: Launch | None = None) -> int:
     """Run until SIGTERM/SIGINT: the relay, and its public workers (public.workers > 1)."""
-    if launch is not None and launch.public_worker:
-        return await _serve_public_worker(config)
+    if launch is not None and launch.public_worker is not None:
+        return await _serve_public_worker(config, launch.public_worker)
     relay = Relay(config)
     workers: PublicWorkers | None = None
     with stop_signals() as stop:
@@ -235,7 +236,7 @@ async def serve_until_signalled(config: Config, launch: Launch | None = None) ->
                 # After the primary's own start-up: its errors are reported once, with
                 # their exit codes, and the workers find the database migrated.
                 workers = PublicWorkers(
-                    launch.worker_command(), config.public.workers - 1, relay.metrics
+                    launch.worker_command, config.public.workers - 1, relay.metrics
                 )
                 relay.public_workers = workers
                 workers.start()
@@ -249,7 +250,8 @@ async def serve_until_signalled(config: Config, launch: Launch | None = None) ->
     return EXIT_OK
 
 
-async def _serve_public_worker(config: Config) -> int:
+async def _serve_public_worker(config: Config, number: int) -> int:
+    label_logs(f"public worker {number}: ")
     relay = Relay(config, public_only=True)
     with stop_signals() as stop:
         async with supervised(stop, relay.metrics.render) as ready:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -34,6 +35,11 @@ async def listening(caplog: pytest.LogCaptureFixture, count: int) -> bool:
     return sum("listening" in r.getMessage() for r in caplog.records) >= count
 
 
+def every_worker(command: list[str]) -> Callable[[int], list[str]]:
+    """The same command line for worker 1, 2, …"""
+    return lambda number: command
+
+
 def _restarts(metrics: Metrics) -> float:
     return metrics.value("relay_public_worker_restarts")
 
@@ -44,7 +50,7 @@ async def test_a_failing_worker_is_restarted_with_growing_delays(
     """Each exit is logged with its code and counted; stop() during a back-off is prompt."""
     caplog.set_level(logging.INFO, "relay.app.workers")
     metrics = Metrics()
-    workers = PublicWorkers(EXITS_AT_ONCE, 1, metrics)
+    workers = PublicWorkers(every_worker(EXITS_AT_ONCE), 1, metrics)
     workers.start()
     try:
 
@@ -70,7 +76,7 @@ async def test_a_worker_that_ignores_sigterm_is_killed_after_the_deadline(
     """stop(): SIGTERM, then SIGKILL at the deadline; nothing is left running or counted."""
     metrics = Metrics()
     caplog.set_level(logging.INFO, "relay.app.workers")
-    workers = PublicWorkers(STUBBORN, 2, metrics, stop_deadline=0.5)
+    workers = PublicWorkers(every_worker(STUBBORN), 2, metrics, stop_deadline=0.5)
     workers.start()
     await eventually(lambda: listening(caplog, 2), within=20)
     pids = sorted(workers.pids.values())
@@ -90,7 +96,7 @@ async def test_a_worker_that_does_not_answer_is_left_out_of_a_scrape(
 ) -> None:
     """The scrape waits SCRAPE_TIMEOUT at most and returns what answered (here nothing)."""
     caplog.set_level(logging.INFO, "relay.app.workers")
-    workers = PublicWorkers(STUBBORN, 1, Metrics(), stop_deadline=0.5)
+    workers = PublicWorkers(every_worker(STUBBORN), 1, Metrics(), stop_deadline=0.5)
     workers.start()
     try:
         await eventually(lambda: listening(caplog, 1), within=20)

@@ -303,7 +303,9 @@ async def test_two_processes_answer_on_one_port(
     # The worker has no internal listener: only the primary's port answers there.
     log = cluster.log()
     assert log.count("internal listener (homeserver and bridges) on") == 1
-    assert "public worker: public listener (signed media links) on" in log
+    listening = f"public listener (signed media links) on http://127.0.0.1:{cluster.public_port}"
+    # The worker's lines say whose they are (both processes write to one stderr).
+    assert f"public worker 1: {listening}\n" in log
 
 
 async def test_a_killed_worker_is_restarted(
