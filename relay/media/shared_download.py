@@ -41,7 +41,13 @@ from typing import Protocol
 from relay.media import cache_layout as layout
 from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.support.file_lock import FileLock
-from relay.upstream.errors import FetchError, UpstreamError, UpstreamNotFound, UpstreamTooLarge
+from relay.upstream.errors import (
+    FetchError,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamRateLimited,
+    UpstreamTooLarge,
+)
 
 # How often a follower looks at the file it follows and at the owner's lock.
 POLL_INTERVAL = 0.01
@@ -99,6 +105,8 @@ class Claim:
             kind, status, retry = "not_found", 404, 0
         elif isinstance(error, UpstreamTooLarge):
             kind, status, retry = "too_large", 502, 0
+        elif isinstance(error, UpstreamRateLimited):
+            kind, status, retry = "rate_limited", 503, error.retry_after
         elif isinstance(error, UpstreamError) and not isinstance(error, BrokeOff):
             kind, status, retry = "error", error.status, error.retry_after
         else:
@@ -207,10 +215,14 @@ def _error(record: dict[str, object]) -> FetchError:
         return UpstreamTooLarge(message)
     status = record.get("status")
     retry = record.get("retry_after")
+    if not isinstance(retry, int) or not 0 < retry <= 3600:
+        retry = 5
+    if kind == "rate_limited":
+        return UpstreamRateLimited(message, retry_after=retry)
     return UpstreamError(
         message,
         status=status if isinstance(status, int) and status in (502, 503, 504) else 502,
-        retry_after=retry if isinstance(retry, int) and 0 < retry <= 3600 else 5,
+        retry_after=retry,
     )
 
 

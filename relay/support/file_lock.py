@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import weakref
 from pathlib import Path
 
 # An unlucky interleaving (the file removed and recreated between our open and our
@@ -32,6 +33,8 @@ class FileLock:
     def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd = fd
+        # A lock dropped without release() (its owner forgotten) still frees its fd.
+        self._close = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def try_acquire(cls, path: Path, *, directory: bool = False) -> FileLock | None:
@@ -68,21 +71,11 @@ class FileLock:
                     else:
                         os.unlink(self.path)
         finally:
-            os.close(fd)
+            self._close()
 
     @property
     def held(self) -> bool:
         return self.fd >= 0
-
-
-def is_locked(path: Path, *, directory: bool = False) -> bool:
-    """Whether a live process holds the lock on ``path`` right now (a missing file is
-    not locked). Takes the lock for an instant when it is free, never removes it."""
-    lock = FileLock.try_acquire(path, directory=directory) if path.exists() else None
-    if lock is None:
-        return path.exists()
-    lock.release()
-    return False
 
 
 def _open(path: Path, directory: bool) -> int | None:
