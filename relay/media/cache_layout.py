@@ -158,8 +158,10 @@ def _remove_dead_work(root: Path) -> None:
 
 
 def _older(path: Path, now: float) -> bool:
+    """Untouched for ORPHAN_GRACE: by ctime, which every write and rename sets (a
+    moved entry keeps its old mtime, its last access)."""
     try:
-        return now - path.stat().st_mtime > ORPHAN_GRACE
+        return now - path.stat().st_ctime > ORPHAN_GRACE
     except FileNotFoundError:
         return False
 
@@ -172,6 +174,8 @@ def _migrate(root: Path, item: Found) -> Found | None:
     try:
         os.replace(entry.path, body)
         os.replace(_meta_path(entry.path), _meta_path(body))
+    except FileNotFoundError:
+        return None  # another process starting now moved it first
     except OSError as e:
         log.warning("media cache: cannot move %s to the new layout: %s", entry.path, e)
         unlink_entries([entry.path, body])

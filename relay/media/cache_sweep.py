@@ -81,7 +81,8 @@ class Sweeper:
         self.root = root
         self.max_bytes = max_bytes
         self.interval = interval
-        self._last = -float("inf")
+        # The first sweep comes one interval after start-up (which evicted already).
+        self._last = time.monotonic()
 
     def wait_time(self) -> float:
         """Seconds until the next sweep may run (0: now)."""

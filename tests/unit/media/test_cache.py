@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from relay.media import cache_layout as layout
 from relay.media.cache import CacheFull, MediaCache
 from relay.media.cache_layout import CacheKey
+from relay.media.cache_sweep import sweep
+from relay.support.metrics import Metrics
 from tests.harness.cache import files_under as _files
 from tests.harness.cache import put_bytes
 from tests.harness.cache import started_cache as _cache
@@ -180,3 +183,41 @@ async def test_files_being_written_count_against_the_cap(tmp_path: Path) -> None
     writers[1].abort()
     assert (cache.total_bytes, cache.pending_bytes) == (500, 0)
     assert _disk_bytes(cache) == 500
+
+
+async def test_a_miss_adopts_an_entry_another_cache_committed(tmp_path: Path) -> None:
+    """Two caches over one root (as two processes): a miss in one finds the other's
+    entry on disk and counts as a hit; one evicted by the other is a miss."""
+    mine, metrics = await _cache(tmp_path)
+    theirs, _ = await _cache(tmp_path)
+    entry = await put_bytes(theirs, KEY, b"written elsewhere", "text/plain", "e.txt")
+    assert entry is not None
+    found = mine.lookup(KEY)
+    assert found == entry
+    assert KEY in mine and mine.total_bytes == len(b"written elsewhere")
+    assert (metrics.value("relay_cache_hits"), metrics.value("relay_cache_misses")) == (1, 0)
+    assert await theirs.purge("example.org", "abc") == 1
+    assert mine.lookup(KEY) is None
+    assert (KEY in mine, mine.total_bytes) == (False, 0)
+
+
+async def test_sweep_keeps_the_directory_under_the_cap(tmp_path: Path) -> None:
+    """The sweep counts every cache's entries and files being written, and removes the
+    least recently used (by mtime) until the directory fits."""
+    # No sweep of their own during the test: this one calls sweep() itself.
+    first = MediaCache(tmp_path, 1000, Metrics(), sweep_interval=3600)
+    second = MediaCache(tmp_path, 1000, Metrics(), sweep_interval=3600)
+    await first.start()
+    await second.start()
+    keys = [CacheKey("example.org", f"m{i}", "original") for i in range(4)]
+    for i, key in enumerate(keys):
+        entry = await put_bytes(first if i % 2 else second, key, bytes(300), "text/plain")
+        assert entry is not None
+        os.utime(entry.path, (1_000_000 + i, 1_000_000 + i))
+    writing = second.begin(CacheKey("example.org", "new", "original"))
+    await writing.write(bytes(200))
+    removed = sweep(first.root, 1000)
+    # 4 x 300 + 200 in flight = 1400: the two least recently used go.
+    assert sorted(removed) == sorted(layout.entry_path(first.root, k) for k in keys[:2])
+    assert _disk_bytes(first) == 800
+    writing.abort()

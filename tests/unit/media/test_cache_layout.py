@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +58,6 @@ async def test_start_removes_partial_and_corrupt_entries(tmp_path: Path) -> None
     orphan = tmp_path / "ab" / ("ab" + "0" * 62)
     orphan.parent.mkdir(exist_ok=True)
     orphan.write_bytes(b"no sidecar")
-    os.utime(orphan, (1_000_000, 1_000_000))  # older than ORPHAN_GRACE: nobody commits it
     bad_key = CacheKey("example.org", "bad", "original")
     bad = await put_bytes(cache, bad_key, b"truncated later", "text/plain")
     assert bad is not None
@@ -68,6 +67,8 @@ async def test_start_removes_partial_and_corrupt_entries(tmp_path: Path) -> None
     assert broken is not None
     broken.path.with_name(broken.path.name + ".json").write_text("{not json")
 
+    # Later than ORPHAN_GRACE: nobody is still committing the orphan.
+    layout.scan(tmp_path, now=time.time() + layout.ORPHAN_GRACE + 1)
     again, _ = await _cache(tmp_path)
     assert len(again) == 1
     assert again.lookup(KEY) is not None
