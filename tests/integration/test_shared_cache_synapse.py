@@ -1,0 +1,81 @@
+"""Two relays on one PostgreSQL sharing one ``media.cache_dir``, against the real Synapse.
+
+The two relays run in this process (tests/harness/relay.py), each with its own cache
+index and its own lock descriptors: ``flock`` between separate open files excludes
+them as it would two processes (test_shared_cache runs OS processes over the stub).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from relay.app import Relay
+from relay.config.loading import load
+from relay.core.mxc import parse_mxc
+from relay.devtools.local_synapse import LocalSynapse, free_ports
+from relay.media.cache_layout import CacheKey
+from tests.harness.fixtures import RelayPorts, RelayRegistration
+from tests.harness.links import fetch, post_media, sign
+from tests.harness.matrix_client import MatrixUser
+from tests.harness.relay import MakeConfig, StartRelay, on, relay_config_dict, write_config
+from tests.harness.waiting import eventually
+
+pytestmark = pytest.mark.synapse
+
+
+def _downloads(relay: Relay) -> float:
+    return relay.metrics.value("relay_upstream_requests", {"outcome": "ok"})
+
+
+def _entries(cache_dir: Path, key: CacheKey) -> list[str]:
+    shard = cache_dir / key.media_digest()[:2]
+    prefix = key.media_digest()
+    return sorted(p.name for p in shard.glob(f"{prefix}-*")) if shard.exists() else []
+
+
+async def test_two_relays_share_one_cache_download_once_and_purge_together(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """20 concurrent cold requests over two relays on one cache directory: one download
+    from Synapse, 20 complete bodies; a redaction ingested by one relay empties the
+    shared directory of the media, and both answer 410."""
+    first = await start_relay(make_config(database=postgres_url))
+    workdir = tmp_path / "second"
+    workdir.mkdir()
+    data = relay_config_dict(
+        synapse, relay_registration, RelayPorts(*free_ports(2)), workdir, postgres_url
+    )
+    cache_dir = Path(first.config.media.cache_dir)
+    data["media"]["cache_dir"] = str(cache_dir)
+    second = await start_relay(load(write_config(workdir / "config.yaml", data), {}))
+
+    body = os.urandom(3 * 1024 * 1024)
+    room_id, mxc, event_id = await post_media(first, alice, body, "video/mp4", "clip.mp4")
+    url = (await sign(http_session, first, mxc))["url"]
+    links = [url, on(second, url, first)]
+    answers = await asyncio.gather(*(fetch(http_session, links[i % 2]) for i in range(20)))
+    assert all((status, got) == (200, body) for status, _, got in answers)
+    assert _downloads(first) + _downloads(second) == 1
+    media = parse_mxc(mxc)
+    key = CacheKey(media.server_name, media.media_id, "original")
+    assert len(_entries(cache_dir, key)) == 2  # one body, one sidecar, for both relays
+
+    await alice.redact(room_id, event_id)
+
+    async def gone_everywhere() -> bool:
+        statuses = [(await fetch(http_session, link))[0] for link in links]
+        return statuses == [410, 410] and not _entries(cache_dir, key)
+
+    await eventually(gone_everywhere, within=5, interval=0.05)
