@@ -160,10 +160,9 @@ class MediaCache:
         self.max_bytes = max_bytes
         self._metrics = metrics
         self._work: FileLock | None = None  # this process's work/ directory, locked
-        self._sweeper = Sweeper(self.root, max_bytes, interval=sweep_interval)
-        self._sweep: asyncio.Task[list[Path]] | None = None
-        self._sweep_timer: asyncio.TimerHandle | None = None
-        self._written_since_sweep = False
+        self._sweeper = Sweeper(
+            self.root, max_bytes, on_removed=self._swept, interval=sweep_interval
+        )
         self._index: OrderedDict[str, _Item] = OrderedDict()  # digest → item, LRU first
         self._by_media: dict[tuple[str, str], set[str]] = {}
         self._writers: set[CacheWriter] = set()
@@ -196,12 +195,7 @@ class MediaCache:
 
     async def close(self) -> None:
         """Wait for a sweep under way; give up the work directory."""
-        if self._sweep_timer is not None:
-            self._sweep_timer.cancel()
-            self._sweep_timer = None
-        if self._sweep is not None:
-            with contextlib.suppress(Exception):
-                await self._sweep
+        await self._sweeper.close()
         if self._work is not None:
             with contextlib.suppress(OSError):  # not empty: the next start-up scan's
                 self._work.release(remove=True)
@@ -302,7 +296,7 @@ class MediaCache:
             raise CacheFull("media cache is full of downloads in progress")
         self.pending_bytes += nbytes
         self._evict(protect=None, keep=None if keep is None else keep.digest())
-        self._maybe_sweep()
+        self._sweeper.written()
 
     def release(self, nbytes: int) -> None:
         """Give back a reservation (the file was committed, or removed)."""
@@ -348,7 +342,7 @@ class MediaCache:
             self._drop(digest, unlink=False)
         self._add(_Item(key, entry, entry.created_at))
         self._evict(protect=digest)
-        self._maybe_sweep()
+        self._sweeper.written()
         return entry
 
     # -- removal ------------------------------------------------------------------------
@@ -368,34 +362,9 @@ class MediaCache:
         removed = await asyncio.to_thread(layout.remove_media, self.root, server_name, media_id)
         return len(removed)
 
-    def _maybe_sweep(self) -> None:
-        """Sweep the whole directory (every process's entries) now or when next allowed."""
-        self._written_since_sweep = True
-        if self._sweep_timer is not None or (self._sweep is not None and not self._sweep.done()):
-            return  # one is scheduled, or running (it looks again when done)
-        delay = self._sweeper.wait_time()
-        if delay > 0:
-            loop = asyncio.get_running_loop()
-            self._sweep_timer = loop.call_later(delay, self._start_sweep)
-            return
-        self._start_sweep()
-
-    def _start_sweep(self) -> None:
-        self._sweep_timer = None
-        self._written_since_sweep = False
-        self._sweep = asyncio.create_task(asyncio.to_thread(self._sweeper.run), name="sweep")
-        self._sweep.add_done_callback(self._swept)
-
-    def _swept(self, task: asyncio.Task[list[Path]]) -> None:
-        if task.cancelled():
-            return
-        if self._written_since_sweep and self._work is not None:
-            self._maybe_sweep()  # written to during the sweep
-        if (error := task.exception()) is not None:
-            log.warning("media cache: sweep failed: %s", error)
-            return
-        for path in task.result():
-            # Bodies are named <media>-<variant digest>: forget what the sweep removed.
+    def _swept(self, removed: list[Path]) -> None:
+        """Forget what a sweep removed (bodies are named ``<media>-<variant digest>``)."""
+        for path in removed:
             digest = path.name.rpartition("-")[2]
             if digest in self._index:
                 self._drop(digest, unlink=False)

@@ -18,9 +18,12 @@ them, so several writing processes make room among the committed entries.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.media import cache_layout as layout
@@ -75,18 +78,50 @@ def sweep(root: Path, max_bytes: int) -> list[Path]:
 
 
 class Sweeper:
-    """Runs :func:`sweep` at most every ``interval`` seconds, one process at a time."""
+    """Runs :func:`sweep` in a thread after writes, at most every ``interval`` seconds,
+    one process at a time; ``on_removed`` hears of the bodies it removed."""
 
-    def __init__(self, root: Path, max_bytes: int, *, interval: float = SWEEP_INTERVAL) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        *,
+        on_removed: Callable[[list[Path]], None],
+        interval: float = SWEEP_INTERVAL,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.interval = interval
+        self._on_removed = on_removed
         # The first sweep comes one interval after start-up (which evicted already).
         self._last = time.monotonic()
+        self._task: asyncio.Task[list[Path]] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._written = False
+        self._closed = False
 
-    def wait_time(self) -> float:
-        """Seconds until the next sweep may run (0: now)."""
-        return max(0.0, self._last + self.interval - time.monotonic())
+    def written(self) -> None:
+        """Something was written: sweep now, or when next allowed."""
+        self._written = True
+        if self._closed:
+            return
+        if self._timer is not None or (self._task is not None and not self._task.done()):
+            return  # one is scheduled, or running (it looks again when done)
+        delay = self._last + self.interval - time.monotonic()
+        if delay > 0:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._start)
+        else:
+            self._start()
+
+    async def close(self) -> None:
+        """Cancel a scheduled sweep; wait for one under way."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
 
     def run(self) -> list[Path]:
         """One sweep, unless another process is sweeping right now; blocking I/O."""
@@ -101,3 +136,19 @@ class Sweeper:
         if removed:
             log.info("media cache: swept %d least recently used entries", len(removed))
         return removed
+
+    def _start(self) -> None:
+        self._timer = None
+        self._written = False
+        self._task = asyncio.create_task(asyncio.to_thread(self.run), name="cache sweep")
+        self._task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[list[Path]]) -> None:
+        if task.cancelled():
+            return
+        if (error := task.exception()) is not None:
+            log.warning("media cache: sweep failed: %s", error)
+        else:
+            self._on_removed(task.result())
+        if self._written:
+            self.written()  # written to during the sweep
