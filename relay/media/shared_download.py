@@ -267,9 +267,10 @@ async def follow(
         while True:
             entry = committed()
             if entry is not None:
+                if followed is not None and follower.readers and not _same_file(fd, entry):
+                    # A dead owner's file was being read; the entry is another's.
+                    raise BrokeOff("the download in another relay process was replaced")
                 if followed is not None:
-                    if not _same_file(fd, entry):
-                        raise BrokeOff("the download in another relay process was replaced")
                     follower.progress(entry.length)
                 return entry
             gone = watch is None or not watch.current() or watch.owner_gone()
