@@ -112,7 +112,7 @@ def scan(root: Path, *, now: float | None = None) -> list[Found]:
     """
     prepare(root)
     now = time.time() if now is None else now
-    _remove_dead_work(root)
+    remove_dead_work(root)
     for stray in (root / TMP_DIR).iterdir():
         if stray.name.endswith(TMP_SUFFIX):
             unlink(stray)  # the single-process layout's downloads in progress
@@ -145,8 +145,9 @@ def scan(root: Path, *, now: float | None = None) -> list[Found]:
     return items
 
 
-def _remove_dead_work(root: Path) -> None:
-    """Remove the ``work/`` directories whose lock no live process holds."""
+def remove_dead_work(root: Path) -> None:
+    """Remove the ``work/`` directories whose lock no live process holds (their
+    processes died, perhaps mid-download: killed, out of memory)."""
     for directory in (root / WORK_DIR).iterdir():
         lock = FileLock.try_acquire(directory, directory=True) if directory.is_dir() else None
         if lock is None:

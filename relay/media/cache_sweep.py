@@ -63,8 +63,9 @@ def measure(root: Path) -> tuple[list[tuple[float, int, Path]], int]:
 
 
 def sweep(root: Path, max_bytes: int) -> list[Path]:
-    """Remove least-recently-used entries until the directory fits ``max_bytes``;
-    returns the bodies removed."""
+    """Remove dead processes' files being written, then least-recently-used entries
+    until the directory fits ``max_bytes``; returns the bodies removed."""
+    layout.remove_dead_work(root)
     bodies, in_flight = measure(root)
     total = in_flight + sum(size for _, size, _ in bodies)
     removed: list[Path] = []

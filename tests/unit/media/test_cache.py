@@ -202,8 +202,8 @@ async def test_a_miss_adopts_an_entry_another_cache_committed(tmp_path: Path) ->
 
 
 async def test_sweep_keeps_the_directory_under_the_cap(tmp_path: Path) -> None:
-    """The sweep counts every cache's entries and files being written, and removes the
-    least recently used (by mtime) until the directory fits."""
+    """The sweep removes a dead process's files, counts every cache's entries and files
+    being written, and removes the least recently used (by mtime) until it all fits."""
     # No sweep of their own during the test: this one calls sweep() itself.
     first = MediaCache(tmp_path, 1000, Metrics(), sweep_interval=3600)
     second = MediaCache(tmp_path, 1000, Metrics(), sweep_interval=3600)
@@ -216,8 +216,12 @@ async def test_sweep_keeps_the_directory_under_the_cap(tmp_path: Path) -> None:
         os.utime(entry.path, (1_000_000 + i, 1_000_000 + i))
     writing = second.begin(CacheKey("example.org", "new", "original"))
     await writing.write(bytes(200))
+    dead = tmp_path / "work" / "0123456789abcdef"  # a killed process's, its lock free
+    dead.mkdir()
+    (dead / "left.part").write_bytes(bytes(500))
     removed = sweep(first.root, 1000)
     # 4 x 300 + 200 in flight = 1400: the two least recently used go.
     assert sorted(removed) == sorted(layout.entry_path(first.root, k) for k in keys[:2])
     assert _disk_bytes(first) == 800
+    assert not dead.exists()
     writing.abort()
