@@ -10,7 +10,7 @@ opened a file finish normally; the serving side treats a file that vanished betw
 lookup and open as a miss.
 
 ``max_bytes`` covers what is being written as well as what is committed: every byte a
-download, a decryption or its ciphertext puts in ``tmp/`` is reserved first
+download, a decryption or its ciphertext puts in ``work/`` is reserved first
 (:meth:`MediaCache.reserve`), evicting committed entries to make room, so fifty
 concurrent downloads cannot put fifty times ``media.max_size`` on the disk beside a
 full cache. When the bytes in flight alone would pass the cap the write is refused
@@ -281,7 +281,7 @@ class MediaCache:
         return layout.temp_path(self.root, self.work_dir)
 
     def reserve(self, nbytes: int, *, keep: CacheKey | None = None) -> None:
-        """Count ``nbytes`` more about to be written in ``tmp/`` against ``max_bytes``,
+        """Count ``nbytes`` more about to be written in ``work/`` against ``max_bytes``,
         evicting least-recently-used entries (but not ``keep``, a source about to be
         read: the cap may then be passed by that one entry until the copy is committed);
         raises :class:`CacheFull` when the bytes being written would pass ``max_bytes``

@@ -296,7 +296,7 @@ class MediaSource:
         decryptor = AttachmentDecryptor(encryption)
         ciphertext = self.cache.new_temp_path()
         fd = os.open(ciphertext, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        reserved = 0  # the ciphertext sits in tmp/ too: it counts against the cap
+        reserved = 0  # the ciphertext sits in work/ too: it counts against the cap
         try:
             async with self.fetcher.open(media) as upstream:
                 async for chunk in upstream.iter_chunks():
