@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -10,8 +11,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-import uvloop
 
 from relay import __version__
 from relay.app import Relay, stop_signals
@@ -199,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # The primary created the files and filled the signing keys; a worker only reads.
         config = load_config(args.config)
         setup_logging(config.log_level, args.debug, config.logging.format)
-        return uvloop.run(serve_until_signalled(config, launch))
+        return asyncio.run(serve_until_signalled(config, launch))
     if not args.config.exists() and args.create_missing:
         example = resources.files("relay").joinpath("config.example.yaml").read_bytes()
         # 0600 from the start: it will hold the appservice tokens and signing keys.
@@ -220,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_NEEDS_SETUP
     config = load_config(args.config, fill_signing_keys=True)
     setup_logging(config.log_level, args.debug, config.logging.format)
-    return uvloop.run(serve_until_signalled(config, launch))
+    return asyncio.run(serve_until_signalled(config, launch))
 
 
 async def serve_until_signalled(config: Config, launch: Launch | None = None) -> int:
