@@ -11,25 +11,33 @@ What it does:
      command; ``--force`` because the files were never posted in a room);
   3. warms the relay's cache with one GET per link and checks length and SHA-256
      against the upload (Synapse's own download is checked the same way);
-  4. runs ``wrk`` against five targets, one at a time, the other server idle:
-     relay 100 KiB, Synapse 100 KiB, relay 100 MiB, Synapse 100 MiB, and the 100 KiB
+  4. runs ``wrk`` against the targets, one at a time, the other servers idle:
+     relay 100 KiB, Synapse 100 KiB, relay 100 MiB, Synapse 100 MiB, the 100 KiB
      file through a heisenbridge link (``compat:``, the same pipeline behind another
-     verifier; ``signing.require_seen: false`` as the file was never posted). Synapse is asked
+     verifier; ``signing.require_seen: false`` as the file was never posted), and, when
+     ``nginx`` is installed, nginx serving the same two files from disk (1 worker,
+     ``sendfile on``: the limit of what serving them can cost). Synapse is asked
      through its authenticated endpoint, ``GET /_matrix/client/v1/media/download/…``
      with the user's access token, as a Matrix client would. Each target gets an
      unmeasured warm-up run, then N measured rounds interleave the targets (so a burst
      of background load hits both servers) and the best round of each counts. Both
      sides get the same wrk settings;
   5. reports requests/s, MB/s (10^6 bytes), latency percentiles and the server's CPU
-     use per target, the relay's peak RSS (``VmHWM`` of its process, covering start-up,
-     the cache warm-up and every run), and checks the targets of the issue:
+     use per target (its share of a core, and milliseconds of CPU per request: utime +
+     stime of the server process, nginx's worker, over the requests wrk completed), the
+     relay's peak RSS (``VmHWM`` of its process, covering start-up, the cache warm-up
+     and every run), and checks the targets of the issues:
      relay/Synapse requests/s at 100 KiB >= 10, MB/s at 100 MiB >= 3, relay peak
-     RSS < 80 MiB, and a compat link at >= 0.9x the native link's requests/s. A run
+     RSS < 80 MiB, a compat link at >= 0.9x the native link's requests/s, and (issue 14)
+     <= 0.07 ms of relay CPU per 100 KiB request and, with nginx, a p99 at 100 KiB no
+     worse than nginx's in the same run. A run
      with a non-2xx answer, a socket error or short bodies is invalid and fails the
      benchmark.
 
-Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``).
-Takes about 55 s with the defaults.
+Needs ``wrk`` (Debian/Ubuntu: ``apt-get install wrk``; macOS: ``brew install wrk``);
+nginx is optional (``apt-get install nginx-light``; without it the column is left out,
+with a note). Takes about 70 s with the defaults. CPU per request is the figure to
+compare on a busy machine: requests/s and latency move with the background load.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -46,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +70,7 @@ from benchkit import (
 
 from relay.core.compat import heisenbridge
 from relay.core.mxc import parse_mxc
-from relay.devtools.local_synapse import LocalSynapse
+from relay.devtools.local_synapse import LocalSynapse, free_ports
 
 APPSERVICE_ID = "media-relay-serve-bench"
 BOT_LOCALPART = "mediarelayservebench"
@@ -72,7 +82,9 @@ TARGET_COMPAT_RPS_RATIO = 0.9  # a compat link costs one more HMAC: within noise
 HEISENBRIDGE_KEY = "bench-heisenbridge-media-key-0123456789"
 TARGET_LARGE_MBPS_RATIO = 3.0
 TARGET_PEAK_RSS_MIB = 80.0
+TARGET_CPU_MS_PER_SMALL_REQUEST = 0.07
 RSS_SAMPLE_SECONDS = 0.1
+HEALTH_SECONDS = 10.0
 WRK_MISSING = (
     "bench/serve.py needs the HTTP load generator wrk, which was not found on PATH.\n"
     "Install it with `apt-get install wrk` (Debian/Ubuntu) or `brew install wrk` (macOS)."
@@ -112,7 +124,74 @@ def sign(config: Path, mxc: str) -> str:
     return done.stdout.strip()
 
 
+# ---------------------------------------------------------------- nginx (the limit)
+
+NGINX_MISSING = "nginx not found on PATH (apt-get install nginx-light to add the limit)"
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+{user}
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  client_body_temp_path {root}/tmp;
+  proxy_temp_path {root}/tmp;
+  fastcgi_temp_path {root}/tmp;
+  uwsgi_temp_path {root}/tmp;
+  scgi_temp_path {root}/tmp;
+  server {{
+    listen 127.0.0.1:{port};
+    root {root}/files;
+  }}
+}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def nginx_process(nginx: str, root: Path, port: int) -> AsyncIterator[int]:
+    """nginx serving ``root/files`` on ``port`` (1 worker, sendfile); yields the worker's pid."""
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    # As root, nginx would run its worker as "nobody", which cannot enter the 0700 temp dir.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=root, port=port, user=user), encoding="utf-8")
+    argv = [nginx, "-c", str(conf), "-p", str(root), "-e", str(root / "error.log")]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + HEALTH_SECONDS
+        while not (workers := child_pids(process.pid)):
+            if process.returncode is not None or time.monotonic() > deadline:
+                log = (root / "error.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nginx did not start:\n{log}")
+            await asyncio.sleep(0.05)
+        yield workers[0]
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
 # ---------------------------------------------------------------- /proc
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of a process (nginx's master: its worker)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
 
 
 def proc_status_kib(pid: int, field: str) -> int:
@@ -215,6 +294,11 @@ class Run:
     p99_ms: float
     max_ms: float
     cpu_cores: float  # the server's CPU seconds per wall second
+    cpu_seconds: float  # the server's CPU seconds during the run
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.cpu_seconds * 1000 / max(self.requests, 1)
 
     @property
     def requests_per_second(self) -> float:
@@ -271,6 +355,7 @@ async def run_wrk(wrk: str, target: Target, seconds: float, threads: int, script
         p99_ms=values["p99_us"] / 1000,
         max_ms=values["max_us"] / 1000,
         cpu_cores=cpu / wall,
+        cpu_seconds=cpu,
     )
 
 
@@ -299,7 +384,7 @@ def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool
     print()
     header = (
         f"{'target':<26} {'conns':>5} {'req/s':>7} {'MB/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'CPU':>5}  {'all rounds':<18} errors"
+        f"{'CPU':>5} {'ms/req':>7}  {'all rounds':<18} errors"
     )
     print(header)
     print("-" * len(header))
@@ -313,18 +398,18 @@ def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool
         print(
             f"{server + ' ' + r.target.label:<26} {r.target.connections:>5} "
             f"{r.requests_per_second:>7.0f} {r.megabytes_per_second:>7.0f} "
-            f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.cpu_cores:>5.0%}  {rounds:<18} "
-            f"{', '.join(problems) or 'none'}"
+            f"{r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.cpu_cores:>5.0%} "
+            f"{r.cpu_ms_per_request:>7.3f}  {rounds:<18} {', '.join(problems) or 'none'}"
         )
-    small = key_figure(best[("relay", SMALL_SIZE)]) / max(
-        key_figure(best[("Synapse", SMALL_SIZE)]), 1e-9
-    )
+    relay_small = best[("relay", SMALL_SIZE)]
+    small = key_figure(relay_small) / max(key_figure(best[("Synapse", SMALL_SIZE)]), 1e-9)
     large = key_figure(best[("relay", LARGE_SIZE)]) / max(
         key_figure(best[("Synapse", LARGE_SIZE)]), 1e-9
     )
     compat = key_figure(best[("relay heisenbridge", SMALL_SIZE)]) / max(
-        key_figure(best[("relay", SMALL_SIZE)]), 1e-9
+        key_figure(relay_small), 1e-9
     )
+    cpu = relay_small.cpu_ms_per_request
     valid = all(not r.problems for r in runs)
     checks = [
         ("req/s at 100 KiB, relay / Synapse", f"{small:.1f}x",
@@ -335,8 +420,20 @@ def report(runs: list[Run], peak_rss_mib: float, synapse_rss_mib: float) -> bool
          f">= {TARGET_COMPAT_RPS_RATIO:g}x", compat >= TARGET_COMPAT_RPS_RATIO),
         ("relay peak RSS", f"{peak_rss_mib:.1f} MiB",
          f"< {TARGET_PEAK_RSS_MIB:g} MiB", peak_rss_mib < TARGET_PEAK_RSS_MIB),
+        ("relay CPU per 100 KiB request", f"{cpu:.3f} ms",
+         f"<= {TARGET_CPU_MS_PER_SMALL_REQUEST:g} ms", cpu <= TARGET_CPU_MS_PER_SMALL_REQUEST),
     ]  # fmt: skip
-    print("(best round shown; CPU = the server process's CPU seconds per second)")
+    nginx_small = best.get(("nginx", SMALL_SIZE))
+    if nginx_small is not None:
+        p99 = relay_small.p99_ms
+        checks.append(
+            ("p99 at 100 KiB, relay vs nginx", f"{p99:.1f} ms",
+             f"<= {nginx_small.p99_ms:.1f} ms", p99 <= nginx_small.p99_ms)
+        )  # fmt: skip
+    print("(best round shown; CPU = the server process's CPU seconds per second,")
+    print(" ms/req = its CPU milliseconds per completed request)")
+    if nginx_small is None:
+        print(f"no nginx column: {NGINX_MISSING}")
     print()
     for name, shown, target, ok in checks:
         print(f"{name:<34} {shown:>9}  target {target:<9} {'PASS' if ok else 'FAIL'}")
@@ -382,6 +479,14 @@ async def bench(
             size: await upload(session, synapse.base_url, token, data)
             for size, data in files.items()
         }
+    nginx = shutil.which("nginx")
+    nginx_root = setup.workdir / "nginx"
+    if nginx is not None:
+        (nginx_root / "files").mkdir(parents=True)
+        for size, data in files.items():
+            (nginx_root / "files" / f"{size}.bin").write_bytes(data)
+    else:
+        print(f"no nginx column: {NGINX_MISSING}", flush=True)
     del files
     print(f"Synapse ready and files uploaded after {time.monotonic() - started:.1f} s", flush=True)
 
@@ -411,7 +516,15 @@ async def bench(
         + heisenbridge.link_path(HEISENBRIDGE_KEY.encode(), parse_mxc(mxcs[SMALL_SIZE]))
     )
     links = {size: await asyncio.to_thread(sign, config, mxc) for size, mxc in mxcs.items()}
-    async with relay_process(config, setup.internal_port) as relay:
+    async with contextlib.AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(relay_process(config, setup.internal_port))
+        nginx_base, nginx_pid = "", None
+        if nginx is not None:
+            (nginx_port,) = free_ports(1)
+            nginx_pid = await stack.enter_async_context(
+                nginx_process(nginx, nginx_root, nginx_port)
+            )
+            nginx_base = f"http://127.0.0.1:{nginx_port}"
         relay_pid = relay.pid
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for size in (SMALL_SIZE, LARGE_SIZE):
@@ -420,6 +533,9 @@ async def bench(
                     await fetch_and_check(session, links[size], {}, digests[size], size)
                 if size == SMALL_SIZE:
                     await fetch_and_check(session, compat_link, {}, digests[size], size)
+                if nginx_pid is not None:
+                    nginx_url = f"{nginx_base}/{size}.bin"
+                    await fetch_and_check(session, nginx_url, {}, digests[size], size)
                 await fetch_and_check(
                     session,
                     synapse_download_url(synapse.base_url, mxcs[size]),
@@ -446,6 +562,9 @@ async def bench(
                 targets.append(
                     Target("relay heisenbridge", label, size, compat_link, (), conns, relay_pid)
                 )
+            if nginx_pid is not None:
+                nginx_url = f"{nginx_base}/{size}.bin"
+                targets.append(Target("nginx", label, size, nginx_url, (), conns, nginx_pid))
         sampler = RssSampler(relay_pid)
         sampler.start()
         runs: list[Run] = []
