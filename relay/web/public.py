@@ -189,6 +189,18 @@ class MediaServer:
             ready = await self._answer_ready(request, claims, now)
             if ready is not None:
                 return ready
+        # Cut on revocation while the body is looked up (a download, a render) or sent
+        # from here; a small body is written after the handler, past any cut.
+        with self.in_flight.track(media, request):
+            return await self._open_and_send(request, claims, now, plain=plain)
+
+    async def _open_and_send(
+        self, request: web.Request, claims: LinkClaims, now: float, *, plain: bool
+    ) -> web.StreamResponse:
+        """Steps 4-5: the body from the pipeline, sent by its plan (remembered if plain)."""
+        media = claims.media
+        method = request.method
+        request_headers = request.headers
         wants_range = method == "GET" and "Range" in request_headers
         sender = self.sender
         for _ in range(MAX_OPEN_ATTEMPTS):
@@ -204,8 +216,7 @@ class MediaServer:
             )
             path, length = body.path, body.length
             if not plan.send_body or path is None or length is None or plan.length is None:
-                with self.in_flight.track(media, request):
-                    return await sender.send(request, media, plan, stream=body)
+                return await sender.send(request, media, plan, stream=body)
             remember = plain and plan.status == 200 and body.sha256 is not None
             if plan.length <= SMALL_BODY:
                 start = plan.byte_range.start if plan.byte_range is not None else 0
@@ -215,8 +226,7 @@ class MediaServer:
                         self._remember_ready(claims, plan, path, length, data)
                     return sender.whole(plan, data)
             else:
-                with self.in_flight.track(media, request):
-                    response = await sender.file(request, media, plan, path, length)
+                response = await sender.file(request, media, plan, path, length)
                 if response is not None:
                     if remember:
                         self._remember_ready(claims, plan, path, length, None)

@@ -9,6 +9,7 @@ the memories. Whether an answer came from the ready memory is read from
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from multidict import CIMultiDictProxy
+from yarl import URL
 
 from relay.core.mxc import MediaId
 from relay.core.records import MediaRecord
@@ -38,6 +40,7 @@ from relay.web.edge import PublicEdge
 from relay.web.public import HEALTH_PATH, READY_TTL, SMALL_BODY, MediaServer
 from tests.harness.loopback import start_loopback
 from tests.harness.stub_homeserver import AS_TOKEN, SERVER, FakeClock, StubServer, serve_bytes
+from tests.harness.waiting import eventually
 
 WALL_START = 1_000_000.0
 LINK_TTL = 3600
@@ -371,3 +374,59 @@ async def test_small_files_go_in_one_write_large_ones_by_sendfile(
     assert server.sender.files_sent_copied == 0
     assert world.metrics.value("relay_served_bytes") == sent_bytes + 2 * len(data)
     assert world.metrics.value("relay_served_requests", {"status": "200"}) == 3
+
+
+async def test_a_revocation_cuts_a_request_still_waiting_for_its_body(world: World) -> None:
+    """Revoked while the pipeline still fetches the body (a Range waits for the whole file):
+    the request is cut, no answer of it sent, nothing of it left registered."""
+    media = MediaId(SERVER, "slow")
+    started, gate = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(LARGE)
+        await response.prepare(request)
+        await response.write(LARGE[:1000])
+        started.set()
+        await gate.wait()
+        await response.write(LARGE[1000:])
+        return response
+
+    world.stub.media["slow"] = slow
+
+    async def get_once() -> bytes:
+        # A raw connection: aiohttp's client would retry a reset GET by itself.
+        url = URL(world.link("slow"))
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        try:
+            writer.write(
+                f"GET {url.raw_path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n".encode()
+            )
+            return await reader.read()
+        finally:
+            writer.close()
+
+    fetch = asyncio.create_task(get_once())
+    try:
+        await started.wait()
+
+        async def waiting() -> bool:
+            return len(world.server.in_flight) == 1
+
+        await eventually(waiting, within=10, interval=0.01)
+        world.revoked.revoked.add(media)
+        world.revocations.mark_revoked(media)
+        world.server.forget(media)
+        try:
+            answer = await fetch
+        except ConnectionError:
+            answer = b""
+        assert answer == b""  # reset or closed: no status line, no body
+        assert len(world.server.in_flight) == 0
+        # Asked again, the link is refused.
+        status, _, body = await world.get(world.link("slow"), Range="bytes=0-9")
+        assert (status, errcode(body)) == (410, "M_NOT_FOUND")
+    finally:
+        gate.set()
+        fetch.cancel()
+        await asyncio.gather(fetch, return_exceptions=True)
