@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -24,9 +25,7 @@ from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
 from relay.media.revalidation import Revalidator
 from relay.media.revocation import RevocationCheck
-from relay.media.shared_tier import BucketTier
 from relay.media.thumbnails import ThumbnailLimits
-from relay.s3.bucket import S3Error
 from relay.store import Store
 from relay.store.audit import AuditWriter
 from relay.support.metrics import Metrics
@@ -38,6 +37,10 @@ from relay.web.bridge_api import BridgeAPI
 from relay.web.compat import CompatServer, SeenCheck
 from relay.web.legacy_media import LegacyMedia
 from relay.web.public import MediaServer
+
+if TYPE_CHECKING:
+    # Imported only when media.store is set: botocore alone costs ~25 MiB of memory.
+    from relay.media.shared_tier import BucketTier
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,11 @@ async def build_media(
             EXIT_CONFIG, f"media.cache_dir {media.cache_dir} is unusable: {e}"
         ) from e
     # Started last (below), when nothing else can fail and leave its client open.
-    tier = None if media.store is None else BucketTier.from_config(media.store, metrics)
+    tier: BucketTier | None = None
+    if media.store is not None:
+        from relay.media.shared_tier import BucketTier
+
+        tier = BucketTier.from_config(media.store, metrics)
     source = MediaSource(fetcher, cache, metrics, tier=tier)
     renditions = Renditions(
         source,
@@ -162,6 +169,8 @@ async def build_media(
 async def start_tier(tier: BucketTier) -> None:
     """Start the ``media.store`` client. A bucket that does not answer now is logged, not
     fatal: the relay serves from the homeserver until it does."""
+    from relay.s3.bucket import S3Error
+
     await tier.start()
     try:
         await tier.bucket.check()

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -23,7 +23,6 @@ from relay.media.downloads import MediaSource
 from relay.media.pipeline import MediaPipeline
 from relay.media.renditions import Renditions
 from relay.media.revocation import RevocationCheck
-from relay.media.shared_tier import BucketTier
 from relay.store import DatabaseUnusable, Store, open_database
 from relay.store.audit import AuditTrail, AuditWriter
 from relay.store.leader import Leadership, leadership
@@ -38,6 +37,9 @@ from relay.web.edge import PublicEdge
 from relay.web.listener import ConnectionLimits, LimitedSite, ensure_descriptors, runner_args
 from relay.web.middleware import error_middleware
 from relay.web.public import HEALTH_PATH, MediaServer
+
+if TYPE_CHECKING:
+    from relay.media.shared_tier import BucketTier  # only with media.store (botocore)
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hashlib
 import logging
 import os
 import time
@@ -44,8 +42,11 @@ from pathlib import Path
 from relay.media import cache_layout as layout
 from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.media.cache_sweep import SWEEP_INTERVAL, Sweeper
+from relay.media.cache_writer import CacheFull, CacheWriter
 from relay.support.file_lock import FileLock
 from relay.support.metrics import Metrics
+
+__all__ = ["CacheFull", "CacheWriter", "MediaCache"]
 
 log = logging.getLogger(__name__)
 
@@ -54,95 +55,11 @@ log = logging.getLogger(__name__)
 TOUCH_INTERVAL = 60.0
 
 
-class CacheFull(OSError):
-    """The bytes being written would pass ``max_bytes`` even with every entry evicted."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-
-
 @dataclass(slots=True)
 class _Item:
     key: CacheKey
     entry: CacheEntry
     touched_on_disk: float
-
-
-class CacheWriter:
-    """Writes one entry into a temporary file; :meth:`commit` puts it in place atomically."""
-
-    def __init__(self, cache: MediaCache, key: CacheKey, path: Path, fd: int) -> None:
-        self._cache = cache
-        self.key = key
-        self.path = path  # the temporary file; readers may follow it while it grows
-        self._fd: int | None = fd
-        self._hash = hashlib.sha256()
-        self.written = 0
-        # Bytes reserved in the cache's budget for this file (see MediaCache.reserve).
-        self.reserved = 0
-        # Set by purge(): the media was revoked while downloading; never commit it.
-        self.purged = False
-
-    async def write(self, data: bytes) -> None:
-        """Append bytes (written and hashed off the event loop); raises CacheFull."""
-        if self._fd is None:
-            raise RuntimeError("cache writer is closed")
-        self._cache.reserve(len(data))
-        self.reserved += len(data)
-        await asyncio.to_thread(self._write, self._fd, data)
-        self.written += len(data)
-
-    def reserve(self, nbytes: int, *, keep: CacheKey | None = None) -> None:
-        """Reserve room for what another writer (Pillow, by path) will put at :attr:`path`,
-        never evicting ``keep`` (the source being read); raises CacheFull."""
-        self._cache.reserve(nbytes, keep=keep)
-        self.reserved += nbytes
-
-    def release(self) -> None:
-        """Give back this file's reservation (it was committed, or is being discarded)."""
-        self._cache.release(self.reserved)
-        self.reserved = 0
-
-    def _write(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        self._hash.update(data)
-
-    async def commit(self, content_type: str, filename: str | None) -> CacheEntry | None:
-        """Move the file into the cache; None when the media was purged meanwhile."""
-        self._close()
-        return await self._finish(content_type, filename, self._hash.hexdigest())
-
-    async def _finish(
-        self, content_type: str, filename: str | None, sha256: str
-    ) -> CacheEntry | None:
-        if self.purged:
-            layout.unlink(self.path)
-            self.release()
-            self._cache._writers.discard(self)
-            return None
-        return await self._cache._commit(self, content_type, filename, sha256)
-
-    async def commit_file(self, content_type: str, filename: str | None) -> CacheEntry | None:
-        """Commit what another writer (Pillow, by path) put at :attr:`path` instead of
-        :meth:`write`: hashed here in one read, never copied."""
-        self._close()
-        self.written, digest = await asyncio.to_thread(layout.hash_file, self.path)
-        self._hash = hashlib.sha256()
-        return await self._finish(content_type, filename, digest)
-
-    def abort(self) -> None:
-        """Discard everything written; safe to call twice or after commit."""
-        self._close()
-        layout.unlink(self.path)
-        self.release()
-        self._cache._writers.discard(self)
-
-    def _close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
 
 
 class MediaCache:
@@ -311,9 +228,14 @@ class MediaCache:
         self._writers.add(writer)
         return writer
 
-    async def _commit(
+    def forget_writer(self, writer: CacheWriter) -> None:
+        """The writer is done (aborted or purged): no purge needs to mark it any more."""
+        self._writers.discard(writer)
+
+    async def install(
         self, writer: CacheWriter, content_type: str, filename: str | None, sha256: str
     ) -> CacheEntry | None:
+        """Move a finished writer's file into place and index it (CacheWriter.commit)."""
         key = writer.key
         digest = key.digest()
         body = layout.entry_path(self.root, key)
