@@ -153,6 +153,9 @@ class Relay:
         self.media_source, self.renditions = stack.source, stack.renditions
         self.revocations, self.pipeline = stack.revocations, stack.pipeline
         self.tier = stack.tier
+        if self.tier is not None and self.tier.max_size > 0:
+            # Its eviction is cluster-wide: listed by the leader, not by every process.
+            self.leader.add_job("shared tier eviction", self.tier.sweep_forever)
         self.media_server = media_server = stack.media_server
         # Revocations committed elsewhere: pushed on PostgreSQL, polled on SQLite.
         self.revocation_feed = revocation_feed(self._db)

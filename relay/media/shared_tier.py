@@ -15,8 +15,12 @@ Reads and writes never raise for the store's trouble: they log, count
 (``relay_tier_requests``) and answer "absent", and for :data:`RETRY_AFTER` seconds
 after a failure the tier is skipped, so a bucket that is down costs each request
 nothing and the homeserver stays the source. A purge raises (its caller retries).
-With ``max_size`` set, a sweep at most every :data:`SWEEP_INTERVAL` seconds (started
-by a put) deletes the oldest-stored objects until the bucket's total is under it.
+A purge that failed is tried again every :data:`PURGE_RETRY` seconds while the process
+runs (its media is refused before any tier is asked, so a leftover is never served).
+With ``max_size`` set, :meth:`BucketTier.sweep_forever` deletes the oldest-stored
+objects every :data:`SWEEP_INTERVAL` seconds until the bucket's total is under it: a
+cluster-wide job, run by the leader only (:mod:`relay.store.leader`), so N processes
+do not list the bucket N times.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ log = logging.getLogger(__name__)
 
 # After a failure the store is not asked again for this long (seconds).
 RETRY_AFTER = 5.0
-# The bucket is listed for eviction at most this often (seconds), by each process.
+# The leader lists the bucket for eviction this often (seconds).
 SWEEP_INTERVAL = 60.0
+# Purges that failed (the store was down) are tried again this often (seconds).
+PURGE_RETRY = 30.0
 # Keys this process put or read lately: not uploaded again when committed locally.
 MAX_REMEMBERED = 10_000
 REMEMBER_FOR = 3600.0
@@ -103,6 +109,7 @@ class BucketTier:
         max_size: int = 0,
         retry_after: float = RETRY_AFTER,
         sweep_interval: float = SWEEP_INTERVAL,
+        purge_retry: float = PURGE_RETRY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bucket = bucket
@@ -110,10 +117,12 @@ class BucketTier:
         self._metrics = metrics
         self._retry_after = retry_after
         self._sweep_interval = sweep_interval
+        self._purge_retry = purge_retry
         self._clock = clock
         self._down_until = 0.0
-        self._last_sweep: float | None = None
-        self._sweeping: asyncio.Task[int] | None = None
+        # Media whose purge failed, tried again by the retry task.
+        self._unpurged: set[tuple[str, str]] = set()
+        self._retrying: asyncio.Task[None] | None = None
         # key → sha256 of what the bucket is known to hold for it.
         self._known: TTLCache[CacheKey, str] = TTLCache(REMEMBER_FOR, MAX_REMEMBERED, clock=clock)
         # (server_name, media_id) → when this process purged it (revocation).
@@ -127,9 +136,10 @@ class BucketTier:
 
     async def start(self) -> None:
         await self.bucket.start()
+        self._retrying = asyncio.ensure_future(self._retry_purges_forever())
 
     async def close(self) -> None:
-        task, self._sweeping = self._sweeping, None
+        task, self._retrying = self._retrying, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -192,7 +202,6 @@ class BucketTier:
             return
         self._known.put(key, entry.sha256)
         self._count("put", "ok")
-        self._maybe_sweep()
 
     async def purge(self, server_name: str, media_id: str) -> int:
         self._purged.put((server_name, media_id), self._clock())
@@ -201,9 +210,24 @@ class BucketTier:
             removed = await self.bucket.delete_folder(media_folder(server_name, media_id))
         except S3Error:
             self._count("purge", "error")
+            self._unpurged.add((server_name, media_id))
             raise
+        self._unpurged.discard((server_name, media_id))
         self._count("purge", "ok")
         return removed
+
+    async def _retry_purges_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._purge_retry)
+            for server_name, media_id in list(self._unpurged):
+                try:
+                    await self.purge(server_name, media_id)
+                except S3Error as e:
+                    log.warning(
+                        "shared tier: purge of %s/%s failed again: %s", server_name, media_id, e
+                    )
+                    break  # the store is still down: the rest wait for the next round
+                log.info("shared tier: purged %s/%s on a retry", server_name, media_id)
 
     async def _delete_late_copy(self, key: CacheKey) -> None:
         try:
@@ -221,7 +245,6 @@ class BucketTier:
     async def sweep(self) -> int:
         """Delete the oldest-stored objects until the bucket is under ``max_size``;
         returns how many were removed. Raises S3Error."""
-        self._last_sweep = self._clock()
         if self.max_size <= 0:
             return 0
         try:
@@ -239,19 +262,14 @@ class BucketTier:
             )
         return removed
 
-    def _maybe_sweep(self) -> None:
-        if self.max_size <= 0 or self._sweeping is not None:
-            return
-        if self._last_sweep is not None and self._clock() - self._last_sweep < self._sweep_interval:
-            return
-        self._last_sweep = self._clock()
-        self._sweeping = asyncio.ensure_future(self.sweep())
-        self._sweeping.add_done_callback(self._swept)
-
-    def _swept(self, task: asyncio.Task[int]) -> None:
-        self._sweeping = None
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("shared tier: eviction sweep failed: %s", task.exception())
+    async def sweep_forever(self) -> None:
+        """The leader's job: :meth:`sweep` every ``sweep_interval`` seconds, failures logged."""
+        while True:
+            try:
+                await self.sweep()
+            except S3Error as e:
+                log.warning("shared tier: eviction sweep failed: %s", e)
+            await asyncio.sleep(self._sweep_interval)
 
     # -- failures -----------------------------------------------------------------------
 

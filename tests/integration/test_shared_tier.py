@@ -19,7 +19,7 @@ from relay.media.cache_layout import CacheEntry, CacheKey
 from relay.media.renditions import derived_key
 from relay.media.shared_tier import BucketTier, media_folder, object_name
 from relay.media.tiers import SharedTier
-from relay.s3.bucket import S3Error
+from relay.s3.bucket import S3Bucket, S3Error
 from relay.support.metrics import Metrics
 from tests.harness.cache import put_bytes, started_cache
 from tests.harness.encryption import encrypt_attachment
@@ -31,9 +31,17 @@ THUMB = derived_key(ORIGINAL, "thumb-64x48-crop")
 OTHER = CacheKey("example.org", "abcd", "original")
 
 
-async def _tier(config: ObjectStoreConfig) -> tuple[BucketTier, Metrics]:
+async def _tier(
+    config: ObjectStoreConfig, *, sweep_interval: float = 60.0, purge_retry: float = 30.0
+) -> tuple[BucketTier, Metrics]:
     metrics = Metrics()
-    tier = BucketTier.from_config(config, metrics)
+    tier = BucketTier(
+        S3Bucket(config),
+        metrics,
+        max_size=config.max_size,
+        sweep_interval=sweep_interval,
+        purge_retry=purge_retry,
+    )
     await tier.start()
     return tier, metrics
 
@@ -181,10 +189,12 @@ async def test_sweep_keeps_the_bucket_under_max_size(
         await shared.close()
 
 
-async def test_a_put_starts_a_sweep(s3_store: S3Store, cache: MediaCache) -> None:
-    """Over max_size, putting is enough: the background sweep brings the bucket under it."""
+async def test_the_leaders_sweep_job_keeps_evicting(s3_store: S3Store, cache: MediaCache) -> None:
+    """sweep_forever (the leader's job) brings the bucket under max_size, and again after
+    more objects arrive; putting alone never lists the bucket."""
     config = s3_store.config.model_copy(update={"max_size": 15_000})
-    shared, metrics = await _tier(config)
+    shared, metrics = await _tier(config, sweep_interval=0.2)
+    job: asyncio.Future[None] | None = None
     try:
         for i in range(3):
             s3_store.client.put_object(
@@ -192,13 +202,23 @@ async def test_a_put_starts_a_sweep(s3_store: S3Store, cache: MediaCache) -> Non
             )
         key = CacheKey("example.org", "new", "original")
         await shared.put(key, await _entry(cache, key, secrets.token_bytes(1_000)))
+        assert metrics.value("relay_tier_evictions") == 0
+        assert sum(s3_store.sizes().values()) > 15_000
 
         async def under() -> bool:
             return sum(s3_store.sizes().values()) <= 15_000
 
+        job = asyncio.ensure_future(shared.sweep_forever())
         await eventually(under, within=10)
         assert metrics.value("relay_tier_evictions") >= 2
+        for i in range(3, 5):
+            s3_store.client.put_object(
+                Bucket=config.bucket, Key=f"relay-test/{'1' * 64}/{i}", Body=b"o" * 10_000
+            )
+        await eventually(under, within=10)
     finally:
+        if job is not None:
+            job.cancel()
         await shared.close()
 
 
@@ -252,3 +272,27 @@ async def test_wrong_credentials_are_absent_not_fatal(
     finally:
         await bad.close()
         await good.close()
+
+
+async def test_a_failed_purge_is_tried_again_until_it_reaches_the_store(
+    s3_store: S3Store,
+) -> None:
+    """The bucket refuses (here: it does not exist yet): purge raises; once the bucket is
+    there, the retry task removes what is under the media's folder without being asked."""
+    config = s3_store.config.model_copy(update={"bucket": "relay-later"})
+    shared, metrics = await _tier(config, purge_retry=0.2)
+    try:
+        with pytest.raises(S3Error):
+            await shared.purge("example.org", "late")
+        s3_store.client.create_bucket(Bucket="relay-later")
+        folder = f"{config.prefix}{media_folder('example.org', 'late')}/"
+        s3_store.client.put_object(Bucket="relay-later", Key=folder + "left", Body=b"x")
+
+        async def gone() -> bool:
+            listed = s3_store.client.list_objects_v2(Bucket="relay-later", Prefix=folder)
+            return listed.get("KeyCount", 0) == 0
+
+        await eventually(gone, within=10)
+        assert _requests(metrics, "purge", "ok") == 1
+    finally:
+        await shared.close()
