@@ -1,8 +1,9 @@
 """``sendfile(2)`` from a cached file straight into a client's socket, on any event loop.
 
-asyncio's ``loop.sendfile`` does this on the selector loop, but uvloop (the relay's
-loop) does not implement it and would copy every byte through Python. This is the
-same mechanism, small enough to own: wait until the transport has flushed what it
+asyncio's ``loop.sendfile`` does this on the selector loop, but uvloop does not
+implement it and would copy every byte through Python; owning this small mechanism
+keeps the choice of loop one line in :mod:`relay.cli.main` (the README's Performance
+section says why it is asyncio's today): wait until the transport has flushed what it
 holds (the status line and headers, or the tail of the previous response on a
 kept-alive connection), then call ``os.sendfile`` on the non-blocking socket until the
 range is sent, waiting for writability whenever the socket buffer is full.
