@@ -11,12 +11,14 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from mautrix.util.async_db import Database
 from ruamel.yaml import YAML
 
 from relay.app import Relay
 from relay.config.loading import load
 from relay.config.settings import Config
 from relay.devtools.local_synapse import LocalSynapse, free_ports
+from relay.store.revocation_feed import APPLICATION_NAME
 from tests.harness.fixtures import RelayPorts, RelayRegistration, run_coroutine_in_thread
 
 POSTGRES_URL = os.environ.get(
@@ -32,6 +34,16 @@ async def _admin(sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def listener_pids(db: Database) -> list[int]:
+    """The backends of ``db``'s PostgreSQL that listen for revocations (one per feed)."""
+    rows = await db.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+        " AND datname = current_database()",
+        APPLICATION_NAME,
+    )
+    return [int(r["pid"]) for r in rows]
 
 
 @pytest.fixture(scope="session")
@@ -163,13 +175,44 @@ async def second_relay(
     database: str,
     start_relay: StartRelay,
     tmp_path: Path,
+    **media: Any,
 ) -> Relay:
-    """Another relay process's worth of state (own cache, own listeners) on the same database."""
+    """Another relay process's worth of state (own listeners, own cache unless ``media``
+    names one) on the same database; ``media`` is laid over its ``media`` section."""
     workdir = tmp_path / "second"
     workdir.mkdir()
     ports = RelayPorts(*free_ports(2))
     data = relay_config_dict(synapse, registration, ports, workdir, database)
+    data["media"].update(media)
     return await start_relay(load(write_config(workdir / "config.yaml", data), {}))
+
+
+RelayPair = Callable[..., Awaitable[tuple[Relay, Relay]]]
+
+
+@pytest.fixture
+def relay_pair(
+    synapse: LocalSynapse,
+    relay_registration: RelayRegistration,
+    postgres_url: str,
+    make_config: MakeConfig,
+    start_relay: StartRelay,
+    tmp_path: Path,
+) -> RelayPair:
+    """Factory: ``first, second = await relay_pair(**media)``: the harness's relay and a
+    second one on one fresh PostgreSQL, both with ``media`` laid over their ``media``
+    section; ``share_cache=True`` gives the second the first's cache directory."""
+
+    async def factory(*, share_cache: bool = False, **media: Any) -> tuple[Relay, Relay]:
+        first = await start_relay(make_config(database=postgres_url, media=media))
+        if share_cache:
+            media = {**media, "cache_dir": str(first.config.media.cache_dir)}
+        second = await second_relay(
+            synapse, relay_registration, postgres_url, start_relay, tmp_path, **media
+        )
+        return first, second
+
+    return factory
 
 
 def on(relay: Relay, url: str, first: Relay) -> str:

@@ -8,8 +8,6 @@ attachment's link into ciphertext served as ``attachment; filename=x.html``.
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 import aiohttp
 import pytest
@@ -19,9 +17,9 @@ from relay.core.mxc import parse_mxc
 from relay.media.pipeline import RECORD_TTL
 from tests.harness import make_png
 from tests.harness.encryption import encrypt_attachment, encrypted_file_json
-from tests.harness.links import errcode, fetch, post_media, sign, wait_recorded
+from tests.harness.links import errcode, fetch, post_encrypted, post_media, rewrite, sign
 from tests.harness.matrix_client import MatrixUser, image_content
-from tests.harness.relay import BRIDGE_TOKEN, StartRelay
+from tests.harness.relay import StartRelay
 from tests.harness.rooms import served_room
 from tests.harness.waiting import eventually
 
@@ -31,19 +29,6 @@ pytestmark = pytest.mark.synapse
 @pytest.fixture
 async def relay(start_relay: StartRelay) -> Relay:
     return await start_relay()
-
-
-async def rewrite(
-    session: aiohttp.ClientSession, relay: Relay, content: dict[str, Any]
-) -> dict[str, Any]:
-    async with session.post(
-        relay.internal_url + "/_relay/v1/rewrite",
-        data=json.dumps({"content": content}),
-        headers={"Authorization": f"Bearer {BRIDGE_TOKEN}"},
-    ) as resp:
-        body = await resp.json()
-        assert resp.status == 200, body
-    return dict(body["content"])
 
 
 async def wait_references(relay: Relay, mxc: str, count: int) -> None:
@@ -63,16 +48,9 @@ async def test_a_later_mention_does_not_change_an_encrypted_attachments_link(
     """The link keeps its key, type and name after the mxc is re-posted with others."""
     room_id = await served_room(relay, alice)
     plaintext = b"quarterly report " * 100
-    ciphertext, enc = encrypt_attachment(plaintext)
-    mxc = await alice.upload(ciphertext, "application/octet-stream")
-    original = {
-        "msgtype": "m.file",
-        "body": "report.txt",
-        "file": encrypted_file_json(mxc, enc),
-        "info": {"mimetype": "text/plain"},
-    }
-    await alice.send_message(room_id, original)
-    await wait_recorded(relay, mxc)
+    mxc, original = await post_encrypted(
+        relay, alice, plaintext, "report.txt", "text/plain", room_id=room_id
+    )
     link = (await rewrite(http_session, relay, original))["file_https"]
 
     _, other_key = encrypt_attachment(b"something else entirely")

@@ -20,14 +20,14 @@ from relay.devtools.local_synapse import LocalSynapse, free_ports
 from relay.media.downloads import MediaSource
 from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
-from tests.harness.links import errcode, fetch, post_media, run_cli, sign
+from tests.harness.links import errcode, fetch, fetch_each, post_and_sign, run_cli
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import (
     MakeConfig,
+    RelayPair,
     StartRelay,
     on,
     relay_config_dict,
-    second_relay,
     write_config,
 )
 from tests.harness.waiting import eventually
@@ -37,26 +37,19 @@ pytestmark = pytest.mark.synapse
 
 @pytest.mark.parametrize("selector", ["mxc", "--event", "--room", "--sender"])
 async def test_revoke_reaches_every_process_within_a_second(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
+    relay_pair: RelayPair,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
     tmp_path: Path,
     selector: str,
 ) -> None:
     """After the command returns, both relays answer 410 within 1 s and drop their copy."""
-    first = await start_relay(make_config(database=postgres_url))
-    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    first, second = await relay_pair()
     data = make_png(24, 24, (secrets.randbelow(256), secrets.randbelow(256), 7))
-    room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
-    url = (await sign(http_session, first, mxc))["url"]
-    links = [url, on(second, url, first)]
-    for link in links:
-        status, _, body = await fetch(http_session, link)
-        assert (status, body) == (200, data)
+    room_id, mxc, event_id, url = await post_and_sign(
+        http_session, first, alice, data, "image/png", "cat.png"
+    )
+    await fetch_each(http_session, [url, on(second, url, first)], data)
 
     value = {"mxc": mxc, "--event": event_id, "--room": room_id, "--sender": alice.user_id}
     args = [value[selector]] if selector == "mxc" else [selector, value[selector]]
@@ -117,22 +110,19 @@ async def test_nothing_seen_is_an_error(make_config: MakeConfig, tmp_path: Path)
 
 
 async def test_revoke_cuts_downloads_under_way_in_other_processes(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
+    relay_pair: RelayPair,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     """A large response that began before the revocation stops short, and the other
     process purges its copy without waiting for another request."""
-    first = await start_relay(make_config(database=postgres_url))
-    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    first, second = await relay_pair()
     data = secrets.token_bytes(16 * 1024 * 1024)  # far more than the sockets' buffers
-    _, mxc, _ = await post_media(first, alice, data, "application/octet-stream", "big.bin")
-    url = on(second, (await sign(http_session, first, mxc))["url"], first)
+    posted = await post_and_sign(
+        http_session, first, alice, data, "application/octet-stream", "big.bin"
+    )
+    mxc, url = posted.mxc, on(second, posted.url, first)
     status, _, body = await fetch(http_session, url)
     assert (status, len(body)) == (200, len(data))  # cached in the second process now
 
@@ -196,10 +186,8 @@ async def test_revoke_reaches_a_relay_running_as_its_own_process(
         relay_config_dict(synapse, relay_registration, ports, workdir, postgres_url),
     )
     data = make_png(24, 24, (secrets.randbelow(256), 11, secrets.randbelow(256)))
-    _, mxc, _ = await post_media(first, alice, data, "image/png", "cat.png")
-    url = (await sign(http_session, first, mxc))["url"].replace(
-        f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{ports.public}"
-    )
+    _, mxc, _, url = await post_and_sign(http_session, first, alice, data, "image/png", "cat.png")
+    url = url.replace(f"127.0.0.1:{first.config.public.port}", f"127.0.0.1:{ports.public}")
     with (workdir / "relay.log").open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "run", "-c", str(config), stderr=log
@@ -226,24 +214,18 @@ async def test_revoke_reaches_a_relay_running_as_its_own_process(
 
 
 async def test_a_redaction_ingested_by_one_relay_is_honoured_by_another_at_once(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
-    alice: MatrixUser,
-    http_session: aiohttp.ClientSession,
-    tmp_path: Path,
+    relay_pair: RelayPair, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """The relay that did not ingest it refuses the media < 1 s after the one that did."""
-    first = await start_relay(make_config(database=postgres_url))
-    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    first, second = await relay_pair()
     assert first.revocations is not None and second.revocations is not None
     for _ in range(3):
         data = make_png(16, 16, (secrets.randbelow(256), 3, secrets.randbelow(256)))
-        room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
+        room_id, mxc, event_id, url = await post_and_sign(
+            http_session, first, alice, data, "image/png", "cat.png"
+        )
         media = parse_mxc(mxc)
-        link = on(second, (await sign(http_session, first, mxc))["url"], first)
+        link = on(second, url, first)
         assert (await fetch(http_session, link))[0] == 200  # "not revoked" remembered there
         await alice.redact(room_id, event_id)
 

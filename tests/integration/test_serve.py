@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -12,20 +11,26 @@ import pytest
 
 from relay.app import Relay
 from relay.core.mxc import MediaId, parse_mxc
-from relay.devtools.local_synapse import LocalSynapse
 from relay.http.headers import security_headers
 from relay.media.downloads import MediaSource
 from relay.web.public import SMALL_BODY
 from tests.harness import make_png
-from tests.harness.fixtures import RelayRegistration
-from tests.harness.links import errcode, fetch, post_media, sign, wait_recorded
+from tests.harness.links import (
+    errcode,
+    fetch,
+    fetch_each,
+    post_and_sign,
+    post_media,
+    sign,
+    wait_recorded,
+)
 from tests.harness.matrix_client import MatrixUser, image_content
 from tests.harness.relay import (
     SIGNING_SECRET,
     MakeConfig,
+    RelayPair,
     StartRelay,
     on,
-    second_relay,
 )
 from tests.harness.rooms import served_room
 from tests.harness.waiting import eventually
@@ -435,27 +440,18 @@ async def test_garbage_links_never_500(
 
 
 async def test_revocation_reaches_another_process_sharing_postgres(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
-    alice: MatrixUser,
-    http_session: aiohttp.ClientSession,
-    tmp_path: Path,
+    relay_pair: RelayPair, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """Two relays on one PostgreSQL: a redaction ingested by one stops the other within ~1 s."""
-    first = await start_relay(make_config(database=postgres_url))
-    second = await second_relay(synapse, relay_registration, postgres_url, start_relay, tmp_path)
+    first, second = await relay_pair()
 
     data = make_png(24, 24)
-    room_id, mxc, event_id = await post_media(first, alice, data, "image/png", "cat.png")
-    url = (await sign(http_session, first, mxc))["url"]
+    room_id, mxc, event_id, url = await post_and_sign(
+        http_session, first, alice, data, "image/png", "cat.png"
+    )
     second_url = on(second, url, first)
     assert second_url != url
-    for link in (url, second_url):
-        status, _, body = await fetch(http_session, link)
-        assert (status, body) == (200, data)
+    await fetch_each(http_session, [url, second_url], data)
 
     await alice.redact(room_id, event_id)
     assert first.store is not None

@@ -15,14 +15,11 @@ import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.config.loading import load
 from relay.core.mxc import parse_mxc
-from relay.devtools.local_synapse import LocalSynapse, free_ports
 from relay.media.cache_layout import CacheKey
-from tests.harness.fixtures import RelayPorts, RelayRegistration
-from tests.harness.links import fetch, post_media, sign
+from tests.harness.links import fetch, post_and_sign
 from tests.harness.matrix_client import MatrixUser
-from tests.harness.relay import MakeConfig, StartRelay, on, relay_config_dict, write_config
+from tests.harness.relay import RelayPair, on
 from tests.harness.waiting import eventually
 
 pytestmark = pytest.mark.synapse
@@ -39,31 +36,18 @@ def _entries(cache_dir: Path, key: CacheKey) -> list[str]:
 
 
 async def test_two_relays_share_one_cache_download_once_and_purge_together(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
-    alice: MatrixUser,
-    http_session: aiohttp.ClientSession,
-    tmp_path: Path,
+    relay_pair: RelayPair, alice: MatrixUser, http_session: aiohttp.ClientSession
 ) -> None:
     """20 concurrent cold requests over two relays on one cache directory: one download
     from Synapse, 20 complete bodies; a redaction ingested by one relay empties the
     shared directory of the media, and both answer 410."""
-    first = await start_relay(make_config(database=postgres_url))
-    workdir = tmp_path / "second"
-    workdir.mkdir()
-    data = relay_config_dict(
-        synapse, relay_registration, RelayPorts(*free_ports(2)), workdir, postgres_url
-    )
+    first, second = await relay_pair(share_cache=True)
     cache_dir = Path(first.config.media.cache_dir)
-    data["media"]["cache_dir"] = str(cache_dir)
-    second = await start_relay(load(write_config(workdir / "config.yaml", data), {}))
 
     body = os.urandom(3 * 1024 * 1024)
-    room_id, mxc, event_id = await post_media(first, alice, body, "video/mp4", "clip.mp4")
-    url = (await sign(http_session, first, mxc))["url"]
+    room_id, mxc, event_id, url = await post_and_sign(
+        http_session, first, alice, body, "video/mp4", "clip.mp4"
+    )
     links = [url, on(second, url, first)]
     answers = await asyncio.gather(*(fetch(http_session, links[i % 2]) for i in range(20)))
     assert all((status, got) == (200, body) for status, _, got in answers)

@@ -6,62 +6,30 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from relay.app import Relay
-from relay.config.loading import load
 from relay.core.exit_codes import EXIT_OK
 from relay.core.mxc import parse_mxc
 from relay.core.variant import Thumbnail, variant_key
-from relay.devtools.local_synapse import LocalSynapse, free_ports
 from relay.media.downloads import MediaSource
 from relay.media.renditions import derived_key
 from relay.media.shared_tier import media_folder, object_name
 from tests.harness import make_png
-from tests.harness.encryption import encrypt_attachment, encrypted_file_json
-from tests.harness.fixtures import RelayPorts, RelayRegistration
-from tests.harness.links import errcode, fetch, post_media, run_cli, sign, wait_recorded
+from tests.harness.links import errcode, fetch, post_and_sign, post_encrypted, rewrite, run_cli
 from tests.harness.matrix_client import MatrixUser
-from tests.harness.relay import (
-    BRIDGE_TOKEN,
-    MakeConfig,
-    StartRelay,
-    on,
-    relay_config_dict,
-    write_config,
-)
-from tests.harness.rooms import served_room
+from tests.harness.relay import RelayPair, on
 from tests.harness.s3_server import S3Store
 from tests.harness.waiting import eventually
 
 pytestmark = [pytest.mark.synapse, pytest.mark.postgres]
 
 
-def _store(s3_store: S3Store) -> dict[str, Any]:
-    return s3_store.config.model_dump()
-
-
-async def _pair(
-    synapse: LocalSynapse,
-    registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
-    tmp_path: Path,
-    s3_store: S3Store,
-) -> tuple[Relay, Relay]:
+async def _pair(relay_pair: RelayPair, s3_store: S3Store) -> tuple[Relay, Relay]:
     """Relay A (the harness's own) and relay B (own cache, ports), both on the bucket."""
-    first = await start_relay(make_config(database=postgres_url, media={"store": _store(s3_store)}))
-    workdir = tmp_path / "second"
-    workdir.mkdir()
-    data = relay_config_dict(
-        synapse, registration, RelayPorts(*free_ports(2)), workdir, postgres_url
-    )
-    data["media"]["store"] = _store(s3_store)
-    second = await start_relay(load(write_config(workdir / "config.yaml", data), {}))
+    first, second = await relay_pair(store=s3_store.config.model_dump())
     assert first.config.media.cache_dir != second.config.media.cache_dir
     return first, second
 
@@ -102,11 +70,7 @@ async def _revoke_everywhere(
 
 
 async def test_a_thumbnail_rendered_by_one_relay_is_served_by_the_other(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
+    relay_pair: RelayPair,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
     tmp_path: Path,
@@ -114,13 +78,12 @@ async def test_a_thumbnail_rendered_by_one_relay_is_served_by_the_other(
 ) -> None:
     """A renders the thumbnail and copies it up; B serves the same bytes from the bucket,
     rendering nothing and asking the homeserver nothing; a revocation empties the bucket."""
-    first, second = await _pair(
-        synapse, relay_registration, postgres_url, make_config, start_relay, tmp_path, s3_store
-    )
+    first, second = await _pair(relay_pair, s3_store)
     color = (secrets.randbelow(256), secrets.randbelow(256), 40)
-    _, mxc, _ = await post_media(first, alice, make_png(96, 64, color), "image/png", "cat.png")
     thumb = {"width": 48, "height": 32, "method": "scale"}
-    url = (await sign(http_session, first, mxc, thumbnail=thumb))["url"]
+    _, mxc, _, url = await post_and_sign(
+        http_session, first, alice, make_png(96, 64, color), "image/png", "cat.png", thumbnail=thumb
+    )
     status, headers_a, body_a = await fetch(http_session, url)
     assert status == 200 and headers_a["Content-Type"] == "image/jpeg"  # no alpha: JPEG
     key = derived_key(
@@ -150,11 +113,7 @@ async def test_a_thumbnail_rendered_by_one_relay_is_served_by_the_other(
 
 
 async def test_an_original_downloaded_by_one_relay_is_served_by_the_other(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
+    relay_pair: RelayPair,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
     tmp_path: Path,
@@ -162,12 +121,11 @@ async def test_an_original_downloaded_by_one_relay_is_served_by_the_other(
 ) -> None:
     """A downloads the original once; B serves identical bytes from the bucket with no
     upstream request; a revocation purges the bucket and both relays answer 410."""
-    first, second = await _pair(
-        synapse, relay_registration, postgres_url, make_config, start_relay, tmp_path, s3_store
-    )
+    first, second = await _pair(relay_pair, s3_store)
     data = secrets.token_bytes(3 * 1024 * 1024 + 17)
-    _, mxc, _ = await post_media(first, alice, data, "application/octet-stream", "data.bin")
-    url = (await sign(http_session, first, mxc))["url"]
+    _, mxc, _, url = await post_and_sign(
+        http_session, first, alice, data, "application/octet-stream", "data.bin"
+    )
     status, _, body = await fetch(http_session, url)
     assert (status, body) == (200, data)
     assert first.metrics.value("relay_upstream_requests", {"outcome": "ok"}) == 1
@@ -191,39 +149,17 @@ async def test_an_original_downloaded_by_one_relay_is_served_by_the_other(
 
 
 async def test_plaintext_of_an_encrypted_attachment_stays_off_the_bucket(
-    synapse: LocalSynapse,
-    relay_registration: RelayRegistration,
-    postgres_url: str,
-    make_config: MakeConfig,
-    start_relay: StartRelay,
+    relay_pair: RelayPair,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
-    tmp_path: Path,
     s3_store: S3Store,
 ) -> None:
     """Both relays serve the decrypted file, each from its own download: the bucket never
     gets the plaintext (nor anything of it: the ciphertext is not kept either)."""
-    first, second = await _pair(
-        synapse, relay_registration, postgres_url, make_config, start_relay, tmp_path, s3_store
-    )
+    first, second = await _pair(relay_pair, s3_store)
     plaintext = b"the minutes of a private meeting " * 4096
-    ciphertext, enc = encrypt_attachment(plaintext)
-    mxc = await alice.upload(ciphertext, "application/octet-stream")
-    content = {
-        "msgtype": "m.file",
-        "body": "minutes.txt",
-        "file": encrypted_file_json(mxc, enc),
-        "info": {"mimetype": "text/plain"},
-    }
-    await alice.send_message(await served_room(first, alice), content)
-    await wait_recorded(first, mxc)
-    async with http_session.post(
-        first.internal_url + "/_relay/v1/rewrite",
-        json={"content": content, "type": "m.room.message"},
-        headers={"Authorization": f"Bearer {BRIDGE_TOKEN}"},
-    ) as resp:
-        assert resp.status == 200
-        link = (await resp.json())["content"]["file_https"]
+    mxc, content = await post_encrypted(first, alice, plaintext, "minutes.txt", "text/plain")
+    link = (await rewrite(http_session, first, content, type="m.room.message"))["file_https"]
     for relay in (first, second):
         status, _, body = await fetch(http_session, on(relay, link, first))
         assert (status, body) == (200, plaintext)

@@ -19,6 +19,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import aiohttp
 import pytest
@@ -29,7 +30,7 @@ from relay.core.exit_codes import EXIT_CONFIG, EXIT_DATABASE, EXIT_OK
 from relay.devtools.local_synapse import LocalSynapse, free_ports
 from tests.harness import make_png
 from tests.harness.fixtures import RelayPorts, RelayRegistration
-from tests.harness.links import errcode, post_media, run_cli, sign
+from tests.harness.links import errcode, post_and_sign, run_cli
 from tests.harness.matrix_client import MatrixUser
 from tests.harness.relay import MakeConfig, StartRelay, relay_config_dict, write_config
 from tests.harness.waiting import eventually
@@ -227,6 +228,17 @@ async def one_to_each(port: int, pids: list[int], *, attempts: int = 64) -> list
     return list(chosen.values())
 
 
+@contextlib.asynccontextmanager
+async def connected_to_each(port: int, pids: list[int]) -> AsyncIterator[list[Connection]]:
+    """``one_to_each``, every connection closed on the way out (even from a failed check)."""
+    conns = await one_to_each(port, pids)
+    try:
+        yield conns
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 async def scraped(
     session: aiohttp.ClientSession, cluster: Cluster, sample: str
 ) -> dict[tuple[tuple[str, str], ...], float]:
@@ -254,46 +266,42 @@ def gone(pid: int) -> bool:
 # ------------------------------------------------------------------ tests
 
 
-async def _posted_link(
-    relay_start: StartRelay,
-    make_config: MakeConfig,
-    database: str,
-    alice: MatrixUser,
-    http_session: aiohttp.ClientSession,
-) -> tuple[str, bytes, str, int]:
-    """(path of a signed link, its bytes, mxc, the in-process relay's public port)."""
-    relay = await relay_start(make_config(database=database))
-    data = make_png(32, 32, (secrets.randbelow(256), 9, 9))
-    _, mxc, _ = await post_media(relay, alice, data, "image/png", "w.png")
-    url = (await sign(http_session, relay, mxc))["url"]
-    path = "/" + url.split("/", 3)[3]
-    return path, data, mxc, relay.config.public.port
+class PostedLink(NamedTuple):
+    """The path of a signed link (the same on any public port), its bytes, its mxc."""
+
+    path: str
+    data: bytes
+    mxc: str
 
 
-@BOTH_DATABASES
-async def test_two_processes_answer_on_one_port(
-    cluster: Cluster,
+@pytest_asyncio.fixture
+async def posted_link(
     start_relay: StartRelay,
     make_config: MakeConfig,
     cluster_database: str,
     alice: MatrixUser,
     http_session: aiohttp.ClientSession,
+) -> PostedLink:
+    """An image ingested, and its link signed, by an in-process relay on the cluster's database."""
+    relay = await start_relay(make_config(database=cluster_database))
+    data = make_png(32, 32, (secrets.randbelow(256), 9, 9))
+    _, mxc, _, url = await post_and_sign(http_session, relay, alice, data, "image/png", "w.png")
+    return PostedLink("/" + url.split("/", 3)[3], data, mxc)
+
+
+@BOTH_DATABASES
+async def test_two_processes_answer_on_one_port(
+    cluster: Cluster, posted_link: PostedLink, http_session: aiohttp.ClientSession
 ) -> None:
     """workers: 2 is two processes accepting on one port; each serves the signed link."""
-    path, data, _, _ = await _posted_link(
-        start_relay, make_config, cluster_database, alice, http_session
-    )
+    path, data, _ = posted_link
     [(number, worker)] = cluster.workers()
     assert number == 1 and worker != cluster.process.pid
     pids = [cluster.process.pid, worker]
-    conns = await one_to_each(cluster.public_port, pids)
-    try:
+    async with connected_to_each(cluster.public_port, pids) as conns:
         for conn in conns:
             for _ in range(3):  # keep-alive: the same process answers each time
                 assert await conn.get(path) == (200, data)
-    finally:
-        for conn in conns:
-            conn.close()
     # /metrics (the primary's) has each process's own count of what it served.
     served = await scraped(http_session, cluster, "relay_served_requests_total")
     assert served == {
@@ -309,17 +317,10 @@ async def test_two_processes_answer_on_one_port(
 
 
 async def test_a_killed_worker_is_restarted(
-    cluster: Cluster,
-    start_relay: StartRelay,
-    make_config: MakeConfig,
-    cluster_database: str,
-    alice: MatrixUser,
-    http_session: aiohttp.ClientSession,
+    cluster: Cluster, posted_link: PostedLink, http_session: aiohttp.ClientSession
 ) -> None:
     """SIGKILL of a worker: logged, counted, a new worker listens; the port keeps answering."""
-    path, data, _, _ = await _posted_link(
-        start_relay, make_config, cluster_database, alice, http_session
-    )
+    path, data, _ = posted_link
     [(_, first)] = cluster.workers()
     os.kill(first, signal.SIGKILL)
 
@@ -332,13 +333,9 @@ async def test_a_killed_worker_is_restarted(
     assert "public worker 1 exited (signal SIGKILL)" in cluster.log()
     restarts = await scraped(http_session, cluster, "relay_public_worker_restarts_total")
     assert restarts == {(("process", "primary"),): 1.0}
-    conns = await one_to_each(cluster.public_port, [cluster.process.pid, second])
-    try:
+    async with connected_to_each(cluster.public_port, [cluster.process.pid, second]) as conns:
         for conn in conns:
             assert await conn.get(path) == (200, data)
-    finally:
-        for conn in conns:
-            conn.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -409,20 +406,12 @@ async def test_one_worker_still_refuses_a_busy_port(
 
 @BOTH_DATABASES
 async def test_revoke_is_honoured_by_every_process(
-    cluster: Cluster,
-    start_relay: StartRelay,
-    make_config: MakeConfig,
-    cluster_database: str,
-    alice: MatrixUser,
-    http_session: aiohttp.ClientSession,
+    cluster: Cluster, posted_link: PostedLink, http_session: aiohttp.ClientSession
 ) -> None:
     """``media-relay revoke``: within 1 s both processes answer 410 on connections they hold."""
-    path, data, mxc, _ = await _posted_link(
-        start_relay, make_config, cluster_database, alice, http_session
-    )
+    path, data, mxc = posted_link
     [(_, worker)] = cluster.workers()
-    conns = await one_to_each(cluster.public_port, [cluster.process.pid, worker])
-    try:
+    async with connected_to_each(cluster.public_port, [cluster.process.pid, worker]) as conns:
         for conn in conns:
             assert await conn.get(path) == (200, data)  # cached and remembered in each
         code, out, err = await run_cli(cluster.config_path, "revoke", mxc)
@@ -436,6 +425,3 @@ async def test_revoke_is_honoured_by_every_process(
             status, body = await conn.get(path)
             assert (status, errcode(body)) == (410, "M_NOT_FOUND")
             assert data not in body
-    finally:
-        for conn in conns:
-            conn.close()
