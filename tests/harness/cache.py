@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from relay.media.cache import MediaCache
 from relay.media.cache_layout import CacheEntry, CacheKey
+from relay.media.downloads import MediaBody
 from relay.support.metrics import Metrics
 
 
@@ -33,3 +35,10 @@ async def started_cache(root: Path, max_bytes: int = 1 << 20) -> tuple[MediaCach
 def files_under(root: Path) -> list[Path]:
     """Every file below ``root``, sorted."""
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+async def read_body(body: MediaBody) -> bytes:
+    """All of a body as served: the cached file, or the chunks of a download under way."""
+    if body.path is not None:
+        return await asyncio.to_thread(body.path.read_bytes)
+    return b"".join([chunk async for chunk in body.iter_chunks()])

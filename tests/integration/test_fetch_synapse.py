@@ -21,11 +21,12 @@ from relay.core.mxc import MediaId, parse_mxc
 from relay.devtools.local_synapse import LocalSynapse
 from relay.media.attachments import CiphertextHashMismatch
 from relay.media.cache import MediaCache
-from relay.media.downloads import MediaBody, MediaSource
+from relay.media.downloads import MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.errors import OUTCOMES, UpstreamNotFound, UpstreamTooLarge, UpstreamUnauthorized
 from relay.upstream.fetcher import MediaFetcher, Timeouts
+from tests.harness.cache import read_body
 from tests.harness.encryption import EncryptedAttachment, encrypt_attachment
 from tests.harness.fixtures import RelayRegistration
 from tests.harness.matrix_client import MatrixUser
@@ -81,12 +82,6 @@ async def make_parts(
         await source.close()
 
 
-async def _read(body: MediaBody) -> bytes:
-    if body.path is not None:
-        return await asyncio.to_thread(body.path.read_bytes)
-    return b"".join([chunk async for chunk in body.iter_chunks()])
-
-
 def _requests(metrics: Metrics) -> dict[str, float]:
     counts = {o: metrics.value("relay_upstream_requests", {"outcome": o}) for o in OUTCOMES}
     return {o: c for o, c in counts.items() if c}
@@ -102,7 +97,7 @@ async def test_fetched_bytes_equal_upload(make_parts: MakeParts, alice: MatrixUs
     media = parse_mxc(await alice.upload(data, "image/png", "holiday.png"))
     parts = await make_parts()
     body = await parts.source.open(media)
-    assert await _read(body) == data
+    assert await read_body(body) == data
     assert body.content_type == "image/png"
     assert body.filename == "holiday.png"
     assert parts.capabilities.authenticated_media is True
@@ -125,7 +120,7 @@ async def test_fifty_concurrent_requests_one_download(
     parts = await make_parts()
 
     async def fetch() -> bytes:
-        return await _read(await parts.source.open(media))
+        return await read_body(await parts.source.open(media))
 
     results = await asyncio.gather(*(fetch() for _ in range(50)))
     assert all(r == data for r in results)
@@ -141,7 +136,7 @@ async def test_size_cap_stops_download_and_caches_nothing(
     media = parse_mxc(await alice.upload(os.urandom(50_000), "image/png"))
     parts = await make_parts(max_size=10_000)
     with pytest.raises(UpstreamTooLarge):
-        await _read(await parts.source.open(media))
+        await read_body(await parts.source.open(media))
     assert _requests(parts.metrics) == {"too_large": 1}
     assert len(parts.cache) == 0
     assert _cache_files(tmp_path / "cache") == []
@@ -168,11 +163,11 @@ async def test_cache_used_after_restart(make_parts: MakeParts, alice: MatrixUser
     data = os.urandom(100_000)
     media = parse_mxc(await alice.upload(data, "application/pdf", "doc.pdf"))
     first = await make_parts()
-    assert await _read(await first.source.open(media)) == data
+    assert await read_body(await first.source.open(media)) == data
     second = await make_parts()
     body = await second.source.open(media)
     assert body.path is not None
-    assert await _read(body) == data
+    assert await read_body(body) == data
     assert body.content_type == "application/pdf"
     assert _requests(second.metrics) == {}
     assert second.metrics.value("relay_cache_hits") == 1
@@ -192,11 +187,11 @@ async def test_encrypted_attachment_round_trip(
     assert len(parts.cache) == 0
     assert _cache_files(tmp_path / "cache") == []
     body = await parts.source.open(media, enc)
-    assert await _read(body) == plaintext
+    assert await read_body(body) == plaintext
     assert body.sha256 == hashlib.sha256(plaintext).hexdigest()
     # Plaintext and ciphertext never share a cache key.
     assert parts.cache.lookup(parts.source.cache_key(media)) is None
-    assert await _read(await parts.source.open(media)) == ciphertext
+    assert await read_body(await parts.source.open(media)) == ciphertext
 
 
 async def test_bad_token_breaks_identity(make_parts: MakeParts, alice: MatrixUser) -> None:

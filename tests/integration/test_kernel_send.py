@@ -8,10 +8,11 @@ most ``sendfile`` calls (EAGAIN), so the writability wait is exercised every tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,20 @@ class FileServer:
         return response
 
 
+@contextlib.asynccontextmanager
+async def file_server(path: Path) -> AsyncIterator[FileServer]:
+    """A started FileServer, cleaned up after; a clean exit must leave no descriptor behind."""
+    server = FileServer(path)
+    await server.start()
+    before = open_descriptors()
+    try:
+        yield server
+    finally:
+        assert server.runner is not None
+        await server.runner.cleanup()
+    assert open_descriptors() <= before
+
+
 async def slow_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
@@ -107,10 +122,7 @@ def test_kept_alive_responses_arrive_whole_by_the_kernel(
     path, data = big_file
 
     async def scenario() -> None:
-        server = FileServer(path)
-        await server.start()
-        before = open_descriptors()
-        try:
+        async with file_server(path) as server:
             reader, writer = await slow_client(server.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
             writer.write(b"GET /?from=12345 HTTP/1.1\r\nHost: relay\r\n\r\n")  # pipelined
@@ -121,10 +133,6 @@ def test_kept_alive_responses_arrive_whole_by_the_kernel(
             writer.close()
             await writer.wait_closed()
             assert server.outcomes == ["zero copy", "zero copy"]
-        finally:
-            assert server.runner is not None
-            await server.runner.cleanup()
-        assert open_descriptors() <= before
 
     run_on(loop, scenario())
 
@@ -136,10 +144,7 @@ def test_a_cancelled_send_leaves_the_loop_clean(loop: str, big_file: tuple[Path,
     path, data = big_file
 
     async def scenario() -> None:
-        server = FileServer(path)
-        await server.start()
-        before = open_descriptors()
-        try:
+        async with file_server(path) as server:
             tasks_before = asyncio.all_tasks()
             reader, writer = await slow_client(server.port)
             writer.write(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
@@ -158,10 +163,6 @@ def test_a_cancelled_send_leaves_the_loop_clean(loop: str, big_file: tuple[Path,
             assert head.startswith(b"HTTP/1.1 200") and body == data
             writer.close()
             await writer.wait_closed()
-        finally:
-            assert server.runner is not None
-            await server.runner.cleanup()
-        assert open_descriptors() <= before
 
     run_on(loop, scenario())
 

@@ -19,13 +19,13 @@ from relay.media.revocation import RevocationCheck
 from relay.store import Store, open_database
 from relay.store.migrations import upgrade_table
 from relay.store.revocation_feed import (
-    APPLICATION_NAME,
     RECONNECT_DELAYS,
     ListeningFeed,
     RevocationFeed,
     revocation_feed,
 )
 from relay.store.takedown import HOMESERVER, OPERATOR, REDACTION, Takedowns
+from tests.harness.relay import listener_pids
 from tests.harness.store_events import commit, image, invite, redaction
 
 ROOM = "!feed:example.org"
@@ -114,15 +114,6 @@ async def test_revocations_are_pushed_to_another_process(postgres_url: str) -> N
     finally:
         await other.stop()
         await writer.stop()
-
-
-async def listener_pids(db: Database) -> list[int]:
-    rows = await db.fetch(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
-        " AND datname = current_database()",
-        APPLICATION_NAME,
-    )
-    return [int(r["pid"]) for r in rows]
 
 
 async def test_a_lost_listener_catches_up_from_its_cursor(postgres_url: str) -> None:

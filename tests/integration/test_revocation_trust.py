@@ -20,8 +20,9 @@ from mautrix.util.async_db import Database
 from relay.core.mxc import MediaId
 from relay.media.revocation import DEFAULT_TTL, RevocationCheck
 from relay.store import Store, open_database
-from relay.store.revocation_feed import APPLICATION_NAME, RevocationFeed, revocation_feed
+from relay.store.revocation_feed import RevocationFeed, revocation_feed
 from relay.store.takedown import OPERATOR, Takedowns
+from tests.harness.relay import listener_pids
 from tests.harness.waiting import eventually
 
 
@@ -125,15 +126,6 @@ async def test_a_revocation_elsewhere_ends_a_long_trusted_answer(
             assert await other.check.is_revoked(item) is True
     finally:
         await stop_trusting(other)
-
-
-async def listener_pids(db: Database) -> list[int]:
-    rows = await db.fetch(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
-        " AND datname = current_database()",
-        APPLICATION_NAME,
-    )
-    return [int(r["pid"]) for r in rows]
 
 
 async def test_a_lost_listening_connection_ends_the_trust(postgres_url: str) -> None:

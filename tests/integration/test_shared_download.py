@@ -19,11 +19,12 @@ from aiohttp import web
 
 from relay.core.mxc import MediaId
 from relay.media.cache import MediaCache
-from relay.media.downloads import MediaBody, MediaSource
+from relay.media.downloads import MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.errors import UpstreamRateLimited
 from relay.upstream.fetcher import MediaFetcher
+from tests.harness.cache import read_body
 from tests.harness.encryption import encrypt_attachment
 from tests.harness.stub_homeserver import AS_TOKEN, SERVER, StubServer, error_response
 from tests.harness.waiting import eventually
@@ -67,12 +68,6 @@ async def make_source(stub: StubServer, tmp_path: Path) -> AsyncIterator[MakeSou
             await source.close()
 
 
-async def _read(body: MediaBody) -> bytes:
-    if body.path is not None:
-        return await asyncio.to_thread(body.path.read_bytes)
-    return b"".join([chunk async for chunk in body.iter_chunks()])
-
-
 async def _both_waiting(held: Held, follower: MediaSource) -> None:
     async def waiting() -> bool:
         return held.requests == 1 and follower.downloads_in_progress == 1
@@ -96,7 +91,7 @@ async def test_an_encrypted_download_is_decrypted_once_and_waited_for(
     await _both_waiting(held, other)
     held.opened.set()
     bodies = [await first, await second]
-    assert [await _read(b) for b in bodies] == [plaintext, plaintext]
+    assert [await read_body(b) for b in bodies] == [plaintext, plaintext]
     assert all(b.path is not None for b in bodies)  # complete files, never a stream
     assert held.requests == 1
 
@@ -131,10 +126,10 @@ async def test_an_entry_committed_by_another_relay_is_adopted(
     held.opened.set()
     stub.media["abc"] = held
     (owner, _), (other, metrics) = await make_source(), await make_source()
-    assert await _read(await owner.open(MEDIA)) == b"committed once"
+    assert await read_body(await owner.open(MEDIA)) == b"committed once"
     body = await other.open(MEDIA)
     assert body.path is not None
-    assert await _read(body) == b"committed once"
+    assert await read_body(body) == b"committed once"
     assert (body.content_type, held.requests) == ("text/plain", 1)
     assert metrics.value("relay_cache_hits") == 1
 

@@ -16,10 +16,11 @@ import pytest_asyncio
 from relay.core.mxc import MediaId
 from relay.media.cache import MediaCache
 from relay.media.cache_layout import CacheEntry, CacheKey
-from relay.media.downloads import MediaBody, MediaSource
+from relay.media.downloads import MediaSource
 from relay.support.metrics import Metrics
 from relay.upstream.capabilities import Capabilities
 from relay.upstream.fetcher import MediaFetcher
+from tests.harness.cache import read_body
 from tests.harness.encryption import encrypt_attachment
 from tests.harness.stub_homeserver import AS_TOKEN, SERVER, StubServer, serve_bytes
 from tests.harness.waiting import eventually
@@ -101,12 +102,6 @@ async def make_source(stub: StubServer, tmp_path: Path) -> AsyncIterator[MakeSou
             await source.close()
 
 
-async def _read(body: MediaBody) -> bytes:
-    if body.path is not None:
-        return await asyncio.to_thread(body.path.read_bytes)
-    return b"".join([chunk async for chunk in body.iter_chunks()])
-
-
 async def test_a_local_miss_is_served_from_the_tier(
     make_source: MakeSource, stub: StubServer
 ) -> None:
@@ -117,7 +112,7 @@ async def test_a_local_miss_is_served_from_the_tier(
     tier.objects[key] = (b"from the bucket" * 1000, "image/webp", "cat.webp")
     source = await make_source(tier)
     body = await source.open(MEDIA)
-    assert await _read(body) == b"from the bucket" * 1000
+    assert await read_body(body) == b"from the bucket" * 1000
     assert (body.content_type, body.filename) == ("image/webp", "cat.webp")
     assert stub.media_requests() == []
     assert tier.opened[0].closed
@@ -135,7 +130,7 @@ async def test_a_download_from_the_homeserver_is_copied_up(
     stub.media["abc"] = serve_bytes(b"original bytes", "image/png")
     tier = DictTier()
     first = await make_source(tier)
-    assert await _read(await first.open(MEDIA)) == b"original bytes"
+    assert await read_body(await first.open(MEDIA)) == b"original bytes"
     assert tier.gets == 1
     key = MediaSource.cache_key(MEDIA)
 
@@ -145,7 +140,7 @@ async def test_a_download_from_the_homeserver_is_copied_up(
     await eventually(copied, within=5)
     assert tier.objects[key] == (b"original bytes", "image/png", None)
     second = await make_source(tier)
-    assert await _read(await second.open(MEDIA)) == b"original bytes"
+    assert await read_body(await second.open(MEDIA)) == b"original bytes"
     assert len(stub.media_requests()) == 1
 
 
@@ -158,11 +153,11 @@ async def test_encrypted_plaintext_never_touches_the_tier(
     tier = DictTier()
     source = await make_source(tier)
     body = await source.open(MEDIA, info)
-    assert await _read(body) == b"secret plaintext"
+    assert await read_body(body) == b"secret plaintext"
     # A plain download after it: once its copy is up, one of the plaintext would be too.
     stub.media["plain"] = serve_bytes(b"plain", "text/plain")
     plain = MediaId(SERVER, "plain")
-    await _read(await source.open(plain))
+    await read_body(await source.open(plain))
 
     async def copied() -> bool:
         return bool(tier.objects)
@@ -181,12 +176,12 @@ async def test_purge_reaches_the_tier_and_its_failure_is_raised(
     key = MediaSource.cache_key(MEDIA)
     tier.objects[key] = (b"x", "text/plain", None)
     source = await make_source(tier)
-    await _read(await source.open(MEDIA))
+    await read_body(await source.open(MEDIA))
     await source.purge(MEDIA)
     assert tier.objects == {}
     assert source.cache.lookup(key) is None
     tier.objects[key] = (b"x", "text/plain", None)
-    await _read(await source.open(MEDIA))
+    await read_body(await source.open(MEDIA))
     tier.fail_purge = True
     with pytest.raises(OSError, match="unreachable"):
         await source.purge(MEDIA)
