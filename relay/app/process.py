@@ -34,6 +34,7 @@ from relay.upstream.capabilities import Capabilities
 from relay.upstream.homeserver import HomeserverClient, HomeserverError, HomeserverUnreachable
 from relay.web.appservice import AppserviceAPI, IngestHooks
 from relay.web.edge import PublicEdge
+from relay.web.fast_path import FastPath
 from relay.web.listener import ConnectionLimits, LimitedSite, ensure_descriptors, runner_args
 from relay.web.middleware import error_middleware
 from relay.web.public import HEALTH_PATH, MediaServer
@@ -208,7 +209,12 @@ class Relay:
         )
         ensure_descriptors(limits)
         self.public_url = await self._listen(
-            public, cfg.public.hostname, cfg.public.port, limits, reuse_port=cfg.public.workers > 1
+            public,
+            cfg.public.hostname,
+            cfg.public.port,
+            limits,
+            reuse_port=cfg.public.workers > 1,
+            fast=FastPath(media_server, edge),
         )
         if public_only:
             log.info("public listener (signed media links) on %s", self.public_url)
@@ -250,6 +256,7 @@ class Relay:
         limits: ConnectionLimits | None = None,
         *,
         reuse_port: bool = False,
+        fast: FastPath | None = None,
     ) -> str:
         """Serve ``app``; the public listener gets ``limits`` (relay.web.listener).
 
@@ -261,7 +268,7 @@ class Relay:
         await runner.setup()
         self._runners.append(runner)
         site: web.BaseSite = (
-            LimitedSite(runner, host, port, limits, self.metrics, reuse_port=reuse_port)
+            LimitedSite(runner, host, port, limits, self.metrics, reuse_port=reuse_port, fast=fast)
             if limits is not None
             else web.TCPSite(runner, host, port)
         )

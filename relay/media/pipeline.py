@@ -141,6 +141,16 @@ class MediaPipeline:
             cached_at = self.source.cache.oldest(media.server_name, media.media_id)
             await self.revalidator.ensure_served(media, cached_at)
 
+    def admitted_now(self, media: MediaId) -> bool:
+        """Whether :meth:`admit` would let ``media`` through at once, from what is
+        remembered (no query, no check upstream); False when in doubt."""
+        if self.revocations.remembered(media) is not False:
+            return False
+        revalidator = self.revalidator
+        return revalidator is None or revalidator.served_now(
+            media, self.source.cache.oldest(media.server_name, media.media_id)
+        )
+
     async def open(self, claims: LinkClaims, *, need_file: bool = False) -> Served:
         """The body a link serves; with ``need_file`` a complete file (for Range).
 

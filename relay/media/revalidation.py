@@ -89,6 +89,15 @@ class Revalidator:
         """Drop what is known of ``media`` (it was purged)."""
         self._states.discard(media)
 
+    def served_now(self, media: MediaId, cached_at: float | None) -> bool:
+        """Whether :meth:`ensure_served` would return at once, with no check to make and
+        no state to change (False when in doubt: the caller then takes that way)."""
+        state = self._states.get(media)
+        if state is None or cached_at is None:
+            return state is None and cached_at is None
+        now = self._clock()
+        return now - state.last_attempt < self.interval and not now - state.last_ok > self.grace
+
     async def ensure_served(self, media: MediaId, cached_at: float | None) -> None:
         """Return if ``media`` may be served from the cache; raise MatrixError if not.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+from collections.abc import Mapping
 
 from aiohttp import web
 from prometheus_client import Histogram
@@ -31,13 +32,17 @@ def client_address(request: web.Request) -> str:
     """The client as the reverse proxy in front says (X-Real-IP, else the address it
     appended last to X-Forwarded-For), else the peer; anything not an IP address is "-"
     (a header is the client's to write: it must not forge a log line)."""
-    headers = request.headers
+    return claimed_address(request.headers, request.remote)
+
+
+def claimed_address(headers: Mapping[str, str], peer: str | None) -> str:
+    """:func:`client_address` from a request's ``headers`` and its ``peer``'s address."""
     claimed = headers.get("X-Real-IP")
     if claimed is None:
         forwarded = headers.get("X-Forwarded-For")
         claimed = forwarded.rsplit(",", 1)[-1] if forwarded is not None else None
     if claimed is None:
-        return request.remote or UNKNOWN  # the peer: the kernel's word, an address already
+        return peer or UNKNOWN  # the peer: the kernel's word, an address already
     claimed = claimed.strip()
     # Only the characters of an address pass the cheap check; the parser confirms it.
     if not _ADDRESS_CHARS.fullmatch(claimed):
@@ -70,25 +75,60 @@ class AccessLog:
         self, request: web.Request, response: web.StreamResponse | None, seconds: float
     ) -> None:
         """One request done; ``response`` None when the client left before an answer."""
-        kind, entry = request.get(LINK_KEY, (UNKNOWN, UNKNOWN))
+        link = request.get(LINK_KEY, (UNKNOWN, UNKNOWN))
+        self._time(link[0], seconds)
+        if not log.isEnabledFor(logging.INFO):
+            return
+        length = body_length(request, response) if response is not None else None
+        status = response.status if response is not None else None
+        media = request.get(MEDIA_KEY, (UNKNOWN, UNKNOWN))
+        self._line(
+            request.method, link, media, status, length, seconds, request.headers, request.remote
+        )
+
+    def record_answer(
+        self,
+        method: str,
+        link: tuple[str, str],
+        media: tuple[str, str],
+        status: int,
+        length: int,
+        seconds: float,
+        headers: Mapping[str, str],
+        peer: str | None,
+    ) -> None:
+        """:meth:`record` of an answer written without aiohttp (relay.web.fast_path)."""
+        self._time(link[0], seconds)
+        if log.isEnabledFor(logging.INFO):
+            self._line(method, link, media, status, length, seconds, headers, peer)
+
+    def _time(self, kind: str, seconds: float) -> None:
         latency = self._latency.get(kind)
         if latency is None:
             latency = self._latency[kind] = self._metrics.public_request_seconds.labels(kind)
         latency.observe(seconds)
-        if not log.isEnabledFor(logging.INFO):
-            return
-        media, variant = request.get(MEDIA_KEY, (UNKNOWN, UNKNOWN))
-        length = body_length(request, response) if response is not None else None
+
+    def _line(
+        self,
+        method: str,
+        link: tuple[str, str],
+        media: tuple[str, str],
+        status: int | None,
+        length: int | None,
+        seconds: float,
+        headers: Mapping[str, str],
+        peer: str | None,
+    ) -> None:
         fields = {
-            "method": request.method,
-            "kind": kind,
-            "entry": entry,
-            "media": media,
-            "variant": variant,
-            "status": response.status if response is not None else UNKNOWN,
+            "method": method,
+            "kind": link[0],
+            "entry": link[1],
+            "media": media[0],
+            "variant": media[1],
+            "status": status if status is not None else UNKNOWN,
             "bytes": length if length is not None else UNKNOWN,
             "ms": round(seconds * 1000, 2),
-            "client": client_address(request),
+            "client": claimed_address(headers, peer),
         }
         log.info(
             "%(method)s %(kind)s/%(entry)s %(media)s %(variant)s %(status)s %(bytes)s B "

@@ -42,7 +42,7 @@ class PublicEdge:
         self._metrics = metrics
         self._skip = skip
         self._monotonic = monotonic
-        self._access = AccessLog(metrics)
+        self.access = AccessLog(metrics)
         # Children of the counters by label values (labels() costs a lookup per call).
         self._served: dict[int, Counter] = {}
         self._by_link: dict[tuple[str, str, int], Counter] = {}
@@ -65,18 +65,18 @@ class PublicEdge:
                 if status >= 400:
                     headers["Cache-Control"] = "no-store"
             if counted:
-                self._count(request, status)
+                self.count(request.get(LINK_KEY), status)
             return response
         finally:
             if counted:
-                self._access.record(request, response, self._monotonic() - started)
+                self.access.record(request, response, self._monotonic() - started)
 
-    def _count(self, request: web.Request, status: int) -> None:
+    def count(self, link: tuple[str, str] | None, status: int) -> None:
+        """Count one answer of ``status`` (of a link of ``link``: kind, entry)."""
         counter = self._served.get(status)
         if counter is None:
             counter = self._served[status] = self._metrics.served.labels(str(status))
         counter.inc()
-        link = request.get(LINK_KEY)
         if link is not None:
             key = (*link, status)
             by_link = self._by_link.get(key)

@@ -40,6 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from relay.support.metrics import Metrics
+from relay.web.fast_path import FastConnection, FastPath
 
 log = logging.getLogger(__name__)
 # Descriptors beyond the connections: database, cache files being sent, upstream sockets.
@@ -138,8 +139,11 @@ class LimitedSite(web.BaseSite):
         metrics: Metrics,
         *,
         reuse_port: bool = False,
+        fast: FastPath | None = None,
     ) -> None:
+        """``fast``: answer remembered plain GETs before aiohttp (relay.web.fast_path)."""
         super().__init__(runner)
+        self._fast = fast
         self._reuse_port = reuse_port
         self._limited_runner = runner
         self._host = host
@@ -175,16 +179,25 @@ class LimitedSite(web.BaseSite):
             # Milliseconds; inherited by every socket accepted from this one.
             sock.setsockopt(socket.IPPROTO_TCP, user_timeout, int(self._limits.send_timeout * 1000))
 
+    async def stop(self) -> None:
+        await super().stop()
+        if self._fast is not None:
+            self._fast.close_all()  # aiohttp's shutdown closes only its own connections
+
     def _factory(self, server: web.Server) -> Callable[[], asyncio.BaseProtocol]:
         cap = self._limits.max_connections
         refused = self._metrics.connections_refused
+        fast = self._fast
+        header_timeout = self._limits.header_timeout
 
         def protocol() -> asyncio.BaseProtocol:
             # asyncio calls this once per accepted socket, just before connection_made,
             # so the count includes every connection still open or closing.
-            if len(server.connections) >= cap:
+            if len(server.connections) + (len(fast.open) if fast is not None else 0) >= cap:
                 refused.inc()
                 return _Refuse()
+            if fast is not None:
+                return FastConnection(fast, server, header_timeout)
             return server()
 
         return protocol

@@ -11,7 +11,9 @@ One request, in order (cheap and local checks first, so a forged link costs no I
    a cached file within the last half second, under the same signed filename, is
    answered again from that ready response (headers, and the bytes of a small file or
    the path of a large one; Cache-Control from this link's own expiry): steps 4-5 are
-   skipped;
+   skipped. :mod:`relay.web.fast_path` answers such requests before aiohttp does
+   (:meth:`MediaServer.remembered_answer`), and renews a small file's ready response
+   in the background (steps 2 and 4-5, nothing sent) once it is half its age;
 4. the body, its type and filename from the media pipeline
    (:meth:`MediaPipeline.open <relay.media.pipeline.MediaPipeline.open>`);
 5. the response plan (:mod:`relay.http.response`: header policy, If-None-Match → 304,
@@ -30,6 +32,7 @@ answers are not cache lookups: they count in ``relay_served_requests``, not
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -39,6 +42,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from relay.core.errors import Codes, MatrixError
 from relay.core.mxc import MediaId
@@ -51,7 +55,7 @@ from relay.support.memo import TTLCache
 from relay.support.metrics import Metrics
 from relay.web.access_log import LINK_KEY, MEDIA_KEY
 from relay.web.inflight import InFlight
-from relay.web.ready import ReadyHead, ready_head
+from relay.web.ready import ReadyAnswer, ReadyHead, ready_head
 from relay.web.sending import Sender, read_cached
 
 log = logging.getLogger(__name__)
@@ -96,6 +100,8 @@ class ReadyResponse:
     # A file of at most SMALL_BODY bytes: read once, its head serialised once
     # (relay.web.ready); None for a larger one (sent by sendfile each time).
     head: ReadyHead | None
+    # When it was made (monotonic): relay.web.fast_path's hits refresh it before it expires.
+    made: float = 0.0
 
 
 class MediaServer:
@@ -127,6 +133,8 @@ class MediaServer:
         self._ready: TTLCache[MediaId, ReadyResponse] = TTLCache(
             READY_TTL, READY_MEMO_ENTRIES, clock=monotonic
         )
+        self._monotonic = monotonic
+        self._refreshing: dict[MediaId, asyncio.Task[None]] = {}
         self.in_flight = InFlight()
 
     def forget(self, media: MediaId) -> None:
@@ -281,6 +289,56 @@ class MediaServer:
             self._ready.discard(media)
         return response
 
+    def remembered_answer(
+        self, token: str, filename: str | None
+    ) -> tuple[LinkClaims, ReadyAnswer] | None:
+        """Step 3 without aiohttp (relay.web.fast_path): the ready answer of a small file
+        to a plain GET of this link, or None when anything would need more than memories
+        (a token not verified before, expired, not admitted from memory alone, nothing
+        small remembered for it, another filename or reference)."""
+        claims = self._tokens.get((token, filename))
+        now = self._clock()
+        if claims is None or claims.variant is not None or not now < claims.expires_at:
+            return None
+        media = claims.media
+        if not self._pipeline.admitted_now(media):
+            return None
+        ready = self._ready.get(media)
+        if (
+            ready is None
+            or ready.head is None
+            or ready.claimed_filename != claims.filename
+            or ready.reference != claims.reference
+        ):
+            return None
+        if self._monotonic() - ready.made >= READY_TTL / 2 and media not in self._refreshing:
+            task = asyncio.get_running_loop().create_task(self._refresh_ready(claims))
+            self._refreshing[media] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(media, None))
+        return claims, self.sender.ready(ready.head, cache_control(claims.expires_at - now))
+
+    async def _refresh_ready(self, claims: LinkClaims) -> None:
+        """Steps 2 and 4-5 of a plain GET, nothing sent: the fast path's connections
+        never come back to aiohttp, so it renews the ready answer before it expires."""
+        try:
+            await self._pipeline.admit(claims.media)
+            served = await self._pipeline.open(claims)
+        except Exception:  # MatrixError, database: the next request takes aiohttp's way
+            log.debug("renewing the ready answer of %s failed", claims.media, exc_info=True)
+            return
+        body = served.body
+        seconds_left = claims.expires_at - self._clock()
+        plan = plan_response(
+            "GET", CIMultiDict(), body, served.content_type, served.filename, seconds_left
+        )
+        path, length = body.path, body.length
+        if plan.status != 200 or body.sha256 is None or path is None or length is None:
+            return
+        if plan.length is not None and plan.length <= SMALL_BODY:
+            data = read_cached(path, length, 0, plan.length)
+            if data is not None:
+                self._remember_ready(claims, plan, path, length, data)
+
     def _remember_ready(
         self,
         claims: LinkClaims,
@@ -297,7 +355,9 @@ class MediaServer:
             return  # a header aiohttp would have to refuse: not remembered, never reused
         self._ready.put(
             claims.media,
-            ReadyResponse(claims.filename, claims.reference, path, length, ready_plan, head),
+            ReadyResponse(
+                claims.filename, claims.reference, path, length, ready_plan, head, self._monotonic()
+            ),
         )
 
 

@@ -27,7 +27,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion, HttpVersion10, HttpVersion11
 
 # Headers written per request (never kept in the head), lower-cased.
 PER_REQUEST = frozenset({"date", "cache-control", "connection", "content-length"})
@@ -114,8 +114,15 @@ class ReadyAnswer(web.StreamResponse):
         if transport is None or transport.is_closing():
             # As aiohttp's writer: the client left; the request ends without an answer.
             raise ConnectionResetError("Cannot write to closing transport")
-        version = request.version
         keep = self._keep = request.keep_alive
+        self._sent = True
+        transport.writelines(self.whole(request.version, keep))
+        await request.writer.drain()
+        return None
+
+    def whole(self, version: HttpVersion, keep: bool) -> tuple[bytes, bytes]:
+        """Status line and head, and the body, as written to a client of ``version``
+        that keeps the connection (``keep``) or not (also :mod:`relay.web.fast_path`)."""
         status_line = _STATUS_LINES.get(version)
         if status_line is None:
             status_line = f"HTTP/{version.major}.{version.minor} 200 OK\r\n".encode()
@@ -124,10 +131,7 @@ class ReadyAnswer(web.StreamResponse):
         else:
             connection = b"Connection: close\r\n" if version == HttpVersion11 else b""
         head = b"".join((status_line, self._head.fixed, self._per_request, connection, b"\r\n"))
-        self._sent = True
-        transport.writelines((head, self._head.body))
-        await request.writer.drain()
-        return None
+        return head, self._head.body
 
     async def write_eof(self, data: bytes = b"") -> None:
         """Nothing left to write: :meth:`prepare` sent everything."""

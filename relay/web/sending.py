@@ -150,7 +150,7 @@ class Sender:
             response.headers["Cache-Control"] = cache_control
         return response
 
-    def ready(self, head: ReadyHead, cache_control: str) -> web.StreamResponse:
+    def ready(self, head: ReadyHead, cache_control: str) -> ReadyAnswer:
         """A remembered small file's 200, written whole with its prepared head."""
         self.files_sent_buffered += 1
         self._metrics.served_bytes.inc(len(head.body))
