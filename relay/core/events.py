@@ -48,6 +48,7 @@ _FILE_MSGTYPES = frozenset({"m.file", "m.image", "m.video", "m.audio"})
 # printable ASCII only: every room version's event ids fit in it.
 _EVENT_ID = re.compile(r"\$[\x21-\x7e]{1,254}")
 
+
 class Role(StrEnum):
     """What a media reference is to the event that holds it."""
 

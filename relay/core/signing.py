@@ -359,7 +359,5 @@ def _parse(token: object) -> tuple[str, LinkClaims, str] | None:
         return None
     if not _MEDIA_ID.fullmatch(media_id) or not is_valid_media_id(media_id):
         return None
-    claims = LinkClaims(
-        MediaId(server_name, media_id), variant, None, int(expires_at), reference
-    )
+    claims = LinkClaims(MediaId(server_name, media_id), variant, None, int(expires_at), reference)
     return key_id, claims, mac

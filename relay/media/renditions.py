@@ -170,8 +170,9 @@ class Renditions:
             source, rendered = await self._work_on_source(writer, media, encryption, None, render)
             entry = await self._commit(writer, rendered.content_type, source.filename)
             self._metrics.thumbnails_generated.inc()
-            log.debug("rendered %s of %s (%dx%d)", key.variant, media, rendered.width,
-                      rendered.height)
+            log.debug(
+                "rendered %s of %s (%dx%d)", key.variant, media, rendered.width, rendered.height
+            )
             return entry
 
         return await self._once(key, make)
@@ -234,8 +235,7 @@ class Renditions:
                 self._clean.put(source_key, used.sha256)
                 return used
             entry = await self._commit(writer, normalise_content_type(content_type), used.filename)
-            log.debug("stripped metadata from %s (%d → %d bytes)", media, used.length,
-                      entry.length)
+            log.debug("stripped metadata from %s (%d → %d bytes)", media, used.length, entry.length)
             return entry
 
         return await self._once(key, make)

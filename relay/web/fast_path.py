@@ -23,11 +23,13 @@ reads request heads itself and answers a request only when ALL of these hold:
 Then it writes the bytes aiohttp would (:meth:`ReadyAnswer.whole
 <relay.web.ready.ReadyAnswer.whole>`), counts it (:meth:`PublicEdge.count
 <relay.web.edge.PublicEdge.count>`) and logs it (:meth:`AccessLog.record_answer
-<relay.web.access_log.AccessLog.record_answer>`). Anything else, and every request
-after it, is aiohttp's: the connection is handed to the request handler aiohttp would
-have made, with the bytes read so far (``transport.set_protocol``: asyncio then calls
-it directly). Pipelined requests are answered in order until the first one that is
-not taken here.
+<relay.web.access_log.AccessLog.record_answer>`). A request of that shape whose link
+verified before but whose ready answer lapsed (nobody asked for a moment) waits for
+one renewal (:meth:`MediaServer.renewal <relay.web.public.MediaServer.renewal>`) and
+is tried once more. Anything else, and every request after it, is aiohttp's: the
+connection is handed to the request handler aiohttp would have made, with the bytes
+read so far (``transport.set_protocol``: asyncio then calls it directly). Pipelined
+requests are answered in order until the first one that is not taken here.
 
 The listener's limits hold: connections here count towards ``max_connections``
 (:attr:`FastPath.open`); a connection with no complete head ``header_timeout`` after
@@ -97,33 +99,41 @@ class FastPath:
             return None
         return parts[0], parts[1] if len(parts) == 2 else None
 
-    def serve(self, head: bytes, transport: asyncio.Transport, peer: str | None) -> bool:
-        """Answer the request of ``head`` (a whole head, ending in CRLF CRLF) if it is
-        one taken here (module docstring); False, with nothing written, if not."""
-        started = self._monotonic()
+    def _parse(self, head: bytes) -> tuple[tuple[str, str | None], CIMultiDict[str]] | None:
+        """The link (token, filename) and headers of a request shaped as one taken here."""
         if len(head) > MAX_HEAD:
-            return False
+            return None
         lines = head[:-4].split(b"\r\n")
         if len(lines) > MAX_FIELDS + 1:
-            return False
+            return None
         request_line = _REQUEST_LINE.fullmatch(lines[0])
         if request_line is None:
-            return False
+            return None
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
             field = _FIELD.fullmatch(line)
             if field is None:
-                return False
+                return None
             headers.add(field[1].decode("ascii"), field[2].decode("ascii").rstrip(" \t"))
         if any(name in headers for name in _NOT_HERE):
-            return False
+            return None
         if headers.getall("Content-Length", ["0"]) != ["0"]:
-            return False
+            return None
         if any(value.lower() != "keep-alive" for value in headers.getall("Connection", ())):
-            return False
+            return None
         link = self.route(request_line[1].decode("ascii"))
         if link is None:
+            return None
+        return link, headers
+
+    def serve(self, head: bytes, transport: asyncio.Transport, peer: str | None) -> bool:
+        """Answer the request of ``head`` (a whole head, ending in CRLF CRLF) if it is
+        one taken here (module docstring); False, with nothing written, if not."""
+        started = self._monotonic()
+        parsed = self._parse(head)
+        if parsed is None:
             return False
+        link, headers = parsed
         found = self._media.remembered_answer(*link)
         if found is None:
             return False
@@ -142,6 +152,13 @@ class FastPath:
             peer,
         )
         return True
+
+    def renewal(self, head: bytes) -> asyncio.Future[None] | None:
+        """For a request shaped as one taken here whose link verified before but whose
+        ready answer has lapsed (an idle moment): the renewal to wait for before asking
+        :meth:`serve` again, so one idle second does not make the connection aiohttp's."""
+        parsed = self._parse(head)
+        return None if parsed is None else self._media.renewal(*parsed[0])
 
 
 class FastConnection(asyncio.Protocol):
@@ -163,6 +180,10 @@ class FastConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._handler: asyncio.Protocol | None = None
+        # Waiting for a renewal of the ready answer (FastPath.renewal); at most one per
+        # request, then the request is aiohttp's.
+        self._renewing = False
+        self._renewed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -203,7 +224,8 @@ class FastConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+            if not self._renewing:
+                self._transport.resume_reading()
             self._serve()
 
     def close(self) -> None:
@@ -213,7 +235,12 @@ class FastConnection(asyncio.Protocol):
     def _serve(self) -> None:
         transport = self._transport
         assert transport is not None
-        while not self._paused and not transport.is_closing():
+        while (
+            self._handler is None
+            and not self._paused
+            and not self._renewing
+            and not transport.is_closing()
+        ):
             buffer = self._buffer
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -221,11 +248,35 @@ class FastConnection(asyncio.Protocol):
                     self._hand_over()  # aiohttp answers a head too long
                 return
             cut = end + 4
-            if not self._fast.serve(buffer[:cut], transport, self._peer):
-                self._hand_over()
+            head = buffer[:cut]
+            if not self._fast.serve(head, transport, self._peer):
+                renewal = None if self._renewed else self._fast.renewal(head)
+                if renewal is None:
+                    self._hand_over()
+                else:
+                    self._wait_for(renewal)
                 return
+            self._renewed = False
             self._buffer = buffer[cut:]
             self._arm()
+
+    def _wait_for(self, renewal: asyncio.Future[None]) -> None:
+        """Stop reading until the renewal ends, then try the same request once more."""
+        transport = self._transport
+        assert transport is not None
+        self._renewing = self._renewed = True
+        self._disarm()  # the head is complete: header_timeout does not apply to it
+        transport.pause_reading()
+        renewal.add_done_callback(self._renewal_done)
+
+    def _renewal_done(self, _: asyncio.Future[None]) -> None:
+        self._renewing = False
+        transport = self._transport
+        if transport is None or transport.is_closing() or self._handler is not None:
+            return
+        if not self._paused:
+            transport.resume_reading()
+        self._serve()
 
     def _hand_over(self) -> None:
         """From now on the connection is aiohttp's, starting with the bytes read here."""

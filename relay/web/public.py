@@ -311,11 +311,27 @@ class MediaServer:
             or ready.reference != claims.reference
         ):
             return None
-        if self._monotonic() - ready.made >= READY_TTL / 2 and media not in self._refreshing:
+        if self._monotonic() - ready.made >= READY_TTL / 2:
+            self._renew(claims)
+        return claims, self.sender.ready(ready.head, cache_control(claims.expires_at - now))
+
+    def renewal(self, token: str, filename: str | None) -> asyncio.Future[None] | None:
+        """The renewal of a lapsed ready answer (relay.web.fast_path waits for it), for a
+        link that verified before and has not expired; None for any other link."""
+        claims = self._tokens.get((token, filename))
+        if claims is None or claims.variant is not None or not self._clock() < claims.expires_at:
+            return None
+        return self._renew(claims)
+
+    def _renew(self, claims: LinkClaims) -> asyncio.Future[None]:
+        """One renewal per media at a time (:meth:`_refresh_ready`), shared."""
+        media = claims.media
+        task = self._refreshing.get(media)
+        if task is None:
             task = asyncio.get_running_loop().create_task(self._refresh_ready(claims))
             self._refreshing[media] = task
             task.add_done_callback(lambda _: self._refreshing.pop(media, None))
-        return claims, self.sender.ready(ready.head, cache_control(claims.expires_at - now))
+        return task
 
     async def _refresh_ready(self, claims: LinkClaims) -> None:
         """Steps 2 and 4-5 of a plain GET, nothing sent: the fast path's connections

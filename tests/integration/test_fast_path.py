@@ -210,6 +210,40 @@ async def test_a_fast_connection_stays_fast(
         client.close()
 
 
+async def test_an_idle_connection_is_still_fast_after_the_answer_lapsed(
+    start_relay: StartRelay,
+    make_config: MakeConfig,
+    postgres_url: str,
+    alice: MatrixUser,
+    http_session: aiohttp.ClientSession,
+    taken: list[bool],
+) -> None:
+    """No request for longer than READY_TTL: nothing renewed the ready answer, so the next
+    GET waits for one renewal and is then answered here (refused once, then taken, the
+    same bytes), and the connection stays the fast path's for the GET after it."""
+    relay = await start_relay(make_config(database=postgres_url))
+    revocations = relay.revocations
+    assert revocations is not None
+
+    async def trusting() -> bool:
+        return revocations.trusting
+
+    await eventually(trusting, within=15)
+    _, _, _, path = await posted(relay, alice, http_session)
+    client, fast = await warm(relay, path, taken)
+    try:
+        await asyncio.sleep(2 * READY_TTL)
+        del taken[:]
+        got = await client.get(path)
+        assert without_max_age(got) == without_max_age(fast)
+        assert taken == [False, True], taken
+        again = await client.get(path)
+        assert without_max_age(again) == without_max_age(fast)
+        assert taken == [False, True, True], taken
+    finally:
+        client.close()
+
+
 async def test_what_the_fast_path_leaves_to_aiohttp(
     start_relay: StartRelay,
     alice: MatrixUser,
