@@ -188,24 +188,30 @@ class RevocationCheck:
         cursor: int | None = None
         behind = False  # a read failed: read again without waiting for the feed
         try:
+            loop = asyncio.get_running_loop()
             while True:
+                # A cycle that stalls drops the trust when it passes stall_after, but is
+                # not cancelled: cancelling a query midway can leave its connection
+                # unusable (asyncpg's "another operation is in progress").
+                stalled = loop.call_later(stall_after, self._distrust)
                 try:
-                    async with asyncio.timeout(stall_after):
-                        waited = cursor is not None and not behind
-                        if waited:
-                            await feed.wait()
-                        # Live from before this read to after it: nothing committed
-                        # since the read's snapshot can be missed (module docstring).
-                        before = feed.live_period()
-                        if cursor is None:
-                            cursor = await feed.head()
-                        else:
-                            behind = True
-                            # Everything past the cursor (a feed gives it out in batches).
-                            while found := await feed.after(cursor):
-                                cursor = found[-1][0]
-                                await self._apply([media for _, media in found])
-                            behind = False
+                    waited = cursor is not None and not behind
+                    if waited:
+                        await feed.wait()
+                    # Live from before this read to after it: nothing committed
+                    # since the read's snapshot can be missed (module docstring).
+                    before = feed.live_period()
+                    if cursor is None:
+                        cursor = await feed.head()
+                    else:
+                        behind = True
+                        # Everything past the cursor (a feed gives it out in batches).
+                        while found := await feed.after(cursor):
+                            cursor = found[-1][0]
+                            await self._apply([media for _, media in found])
+                        behind = False
+                    if loop.time() >= stalled.when():
+                        waited = False  # it stalled: this cycle proves nothing
                     if waited:
                         # Only a whole cycle (the feed woke us, we read) proves it works.
                         self._follow(before, feed.live_period())
@@ -213,6 +219,8 @@ class RevocationCheck:
                     self._distrust()
                     log.exception("could not look for new revocations; trying again")
                     await asyncio.sleep(retry_delay)
+                finally:
+                    stalled.cancel()
         finally:
             self._distrust(quietly=True)
             self._feed = None

@@ -81,7 +81,14 @@ async def open_database(url: str) -> Database:
     if url.startswith("sqlite:"):
         _private_sqlite_file(url[len("sqlite:") :])
         _check_sqlite_opens(url[len("sqlite:") :])
-    db_args = {"min_size": 1, "max_size": 10} if not url.startswith("sqlite:") else {}
+    # mautrix's PostgreSQL layer calls sys.exit(26) on an asyncpg internal client error
+    # by default; the relay answers that query's caller with an error (a 503, a retry)
+    # instead of stopping the whole process.
+    db_args: dict[str, object] = (
+        {"min_size": 1, "max_size": 10, "meow_exit_on_ice": False}
+        if not url.startswith("sqlite:")
+        else {}
+    )
     if url.startswith("postgresql://"):
         url = "postgres://" + url[len("postgresql://") :]
     try:

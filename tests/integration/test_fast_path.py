@@ -135,6 +135,22 @@ async def posted(
     return data, room_id, event_id, urlsplit(link["url"]).path
 
 
+async def following_the_feed(
+    start_relay: StartRelay, make_config: MakeConfig, postgres_url: str
+) -> Relay:
+    """A relay on PostgreSQL once it follows the revocation feed (a "not revoked" answer
+    then outlives the ready answer: see relay.media.revocation)."""
+    relay = await start_relay(make_config(database=postgres_url))
+    revocations = relay.revocations
+    assert revocations is not None
+
+    async def trusting() -> bool:
+        return revocations.trusting
+
+    await eventually(trusting, within=15)
+    return relay
+
+
 async def test_fast_answer_is_aiohttps_byte_for_byte(
     start_relay: StartRelay,
     alice: MatrixUser,
@@ -187,14 +203,7 @@ async def test_a_fast_connection_stays_fast(
     GETs over three of its lifetimes are all answered here, every one the same. (On
     PostgreSQL, following the revocation feed: a "not revoked" answer then lasts longer
     than the ready answer; without the feed it expires with it, see the README.)"""
-    relay = await start_relay(make_config(database=postgres_url))
-    revocations = relay.revocations
-    assert revocations is not None
-
-    async def trusting() -> bool:
-        return revocations.trusting
-
-    await eventually(trusting, within=15)
+    relay = await following_the_feed(start_relay, make_config, postgres_url)
     _, _, _, path = await posted(relay, alice, http_session)
     client, fast = await warm(relay, path, taken)
     try:
@@ -221,14 +230,7 @@ async def test_an_idle_connection_is_still_fast_after_the_answer_lapsed(
     """No request for longer than READY_TTL: nothing renewed the ready answer, so the next
     GET waits for one renewal and is then answered here (refused once, then taken, the
     same bytes), and the connection stays the fast path's for the GET after it."""
-    relay = await start_relay(make_config(database=postgres_url))
-    revocations = relay.revocations
-    assert revocations is not None
-
-    async def trusting() -> bool:
-        return revocations.trusting
-
-    await eventually(trusting, within=15)
+    relay = await following_the_feed(start_relay, make_config, postgres_url)
     _, _, _, path = await posted(relay, alice, http_session)
     client, fast = await warm(relay, path, taken)
     try:
