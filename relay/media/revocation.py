@@ -201,12 +201,15 @@ class RevocationCheck:
                     # Live from before this read to after it: nothing committed
                     # since the read's snapshot can be missed (module docstring).
                     before = feed.live_period()
+                    # Shielded: cancelling the watch (at shutdown) must not cancel a
+                    # query midway, which can leave its pooled asyncpg connection broken
+                    # ("another operation is in progress") and the pool unable to close.
                     if cursor is None:
-                        cursor = await feed.head()
+                        cursor = await asyncio.shield(feed.head())
                     else:
                         behind = True
                         # Everything past the cursor (a feed gives it out in batches).
-                        while found := await feed.after(cursor):
+                        while found := await asyncio.shield(feed.after(cursor)):
                             cursor = found[-1][0]
                             await self._apply([media for _, media in found])
                         behind = False
