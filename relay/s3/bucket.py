@@ -14,8 +14,9 @@ left behind to be billed), so memory stays at one part whatever the file's size.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ READ_TIMEOUT = 30.0
 # far longer than the homeserver would take to answer it.
 MAX_ATTEMPTS = 2
 _ABSENT = frozenset({"NoSuchKey", "404", "NotFound"})
+# The way to the store failing (not the store answering with an error).
+_TRANSPORT_ERRORS = (BotoCoreError, aiohttp.ClientError, TimeoutError)
 
 
 class S3Error(Exception):
@@ -69,14 +72,12 @@ class S3Object:
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body; a connection lost midway raises S3Error."""
-        try:
+        with _store_errors(f"reading {self.name}", os_errors=False):
             while True:
                 chunk: bytes = await self._body.read(READ_CHUNK)
                 if not chunk:
                     return
                 yield chunk
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as e:
-            raise S3Error(f"reading {self.name}: {e}") from e
 
     async def close(self) -> None:
         self._body.close()
@@ -140,39 +141,33 @@ class S3Bucket:
 
     async def check(self) -> None:
         """Raise S3Error unless the bucket answers (and these credentials may use it)."""
-        try:
+        with _store_errors(f"HeadBucket {self.bucket}"):
             await self._s3.head_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            raise S3Error(f"HeadBucket {self.bucket}: {_describe(e)}") from e
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise S3Error(f"HeadBucket {self.bucket}: {e}") from e
 
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, name: str) -> S3Object | None:
         """The object ``name`` as a stream, or None when there is none."""
         key = object_key(self.prefix, name)
-        try:
-            response = await self._s3.get_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            if _code(e) in _ABSENT:
-                return None
-            raise S3Error(f"GetObject {key}: {_describe(e)}") from e
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise S3Error(f"GetObject {key}: {e}") from e
+        with _store_errors(f"GetObject {key}"):
+            try:
+                response = await self._s3.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as e:
+                if _code(e) in _ABSENT:
+                    return None
+                raise
         return S3Object(name, response)
 
     async def head(self, name: str) -> ObjectInfo | None:
         """Size and store time of ``name``, or None when there is none."""
         key = object_key(self.prefix, name)
-        try:
-            response = await self._s3.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as e:
-            if _code(e) in _ABSENT:
-                return None
-            raise S3Error(f"HeadObject {key}: {_describe(e)}") from e
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise S3Error(f"HeadObject {key}: {e}") from e
+        with _store_errors(f"HeadObject {key}"):
+            try:
+                response = await self._s3.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as e:
+                if _code(e) in _ABSENT:
+                    return None
+                raise
         return ObjectInfo(
             name, int(response["ContentLength"]), response["LastModified"].timestamp()
         )
@@ -181,16 +176,12 @@ class S3Bucket:
         """Every object under the prefix (or its ``folder``), page by page."""
         prefix = self.prefix if folder is None else key_prefix(self.prefix, folder)
         paginator = self._s3.get_paginator("list_objects_v2")
-        try:
+        with _store_errors(f"ListObjectsV2 {prefix}"):
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", ()):
                     name = relative_name(self.prefix, item["Key"])
                     if name:
                         yield ObjectInfo(name, int(item["Size"]), item["LastModified"].timestamp())
-        except ClientError as e:
-            raise S3Error(f"ListObjectsV2 {prefix}: {_describe(e)}") from e
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise S3Error(f"ListObjectsV2 {prefix}: {e}") from e
 
     # -- writing ------------------------------------------------------------------------
 
@@ -206,16 +197,12 @@ class S3Bucket:
             "ContentType": content_type,
             "Metadata": dict(metadata),
         }
-        try:
+        with _store_errors(f"PutObject {key}", os_errors=False):
             if size <= self.part_size:
                 body = await asyncio.to_thread(_read_part, path, 0, size)
                 await self._s3.put_object(Body=body, **common)
             else:
                 await self._put_multipart(common, path, size)
-        except ClientError as e:
-            raise S3Error(f"PutObject {key}: {_describe(e)}") from e
-        except (BotoCoreError, aiohttp.ClientError, TimeoutError) as e:
-            raise S3Error(f"PutObject {key}: {e}") from e
         return size
 
     async def _put_multipart(self, common: dict[str, Any], path: Path, size: int) -> None:
@@ -233,7 +220,7 @@ class S3Bucket:
             # Parts of an upload never completed are kept (and billed) until aborted.
             try:
                 await asyncio.shield(self._s3.abort_multipart_upload(**target))
-            except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as e:
+            except (ClientError, *_TRANSPORT_ERRORS) as e:
                 log.warning("could not abort the multipart upload of %s: %s", common["Key"], e)
             raise
 
@@ -244,14 +231,10 @@ class S3Bucket:
         keys = [object_key(self.prefix, name) for name in names]
         for start in range(0, len(keys), DELETE_BATCH):
             batch = [{"Key": key} for key in keys[start : start + DELETE_BATCH]]
-            try:
+            with _store_errors("DeleteObjects"):
                 response = await self._s3.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
-            except ClientError as e:
-                raise S3Error(f"DeleteObjects: {_describe(e)}") from e
-            except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as e:
-                raise S3Error(f"DeleteObjects: {e}") from e
             errors = response.get("Errors") or []
             if errors:
                 first = errors[0]
@@ -282,3 +265,16 @@ def _describe(error: ClientError) -> str:
     info = error.response.get("Error", {})
     status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
     return f"{status} {info.get('Code', '?')}: {info.get('Message', '')}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _store_errors(what: str, *, os_errors: bool = True) -> Iterator[None]:
+    """The store's refusals and the way to it failing, as S3Error naming ``what``;
+    ``os_errors=False`` lets an OSError through (a local file's, the caller's to raise)."""
+    transport = (*_TRANSPORT_ERRORS, OSError) if os_errors else _TRANSPORT_ERRORS
+    try:
+        yield
+    except ClientError as e:
+        raise S3Error(f"{what}: {_describe(e)}") from e
+    except transport as e:
+        raise S3Error(f"{what}: {e}") from e
